@@ -1,0 +1,430 @@
+"""Typed, validated configuration: YAML recipes plus dotted ``key=value`` overrides.
+
+Defaults live here and only here. A recipe is read into plain dicts, overrides are applied, and the
+result is checked against the dataclasses below: unknown keys get a "did you mean" suggestion, wrong
+types name the key and, for recipe files, the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import TunelabError
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # built-in alias, local directory, or hub id
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class SourceConfig:
+    """Where records come from: a file (by extension or ``format``) or an HF dataset by name."""
+
+    path: str | None = None
+    format: str = field(default="auto", metadata=_choices("auto", "jsonl", "json", "csv", "parquet", "text"))
+    dataset: str | None = None  # a `datasets` name, loaded with load_dataset(dataset, subset, split)
+    subset: str | None = None
+    split: str = "train"
+    text_field: str = "text"  # the field name given to each line of a plain-text file
+
+
+@dataclass
+class DataConfig:
+    train: SourceConfig | None = None
+    validation: SourceConfig | None = None
+    test: SourceConfig | None = None
+    validation_size: float = 0  # held out of `train` when no validation source: a count or a fraction
+    test_size: float = 0
+    unique_by: str | None = None  # drop records whose value of this field was seen before
+    train_size: int | None = None  # keep at most this many training records (after the split)
+    prompt: str = "{prompt}"  # template over record fields: {field} or {field|filter|...}
+    completion: str = "{completion}"
+    formatter: str | None = None  # "module:function" record -> {"prompt": ..., "completion": ...}
+    max_length: int = 512
+    truncation: str = field(default="drop", metadata=_choices("drop", "truncate", "error"))
+    empty_target: str = field(default="error", metadata=_choices("error", "drop"))
+    add_eos: bool = True
+    group_by_length: bool = True
+
+
+@dataclass
+class TrainConfig:
+    mode: str = field(default="lora", metadata=_choices("full", "lora", "head", "freeze"))
+    trainable: list[str] = field(default_factory=list)  # parameter-name patterns for mode=freeze
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8  # micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = field(default="linear", metadata=_choices("constant", "linear", "cosine"))
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    dropout: float | None = None  # overrides the model's dropout probabilities
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # validation loss every N steps (0: only at the end)
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str = "never"  # never | auto | path to a checkpoint directory
+    loss_chunk: int = 2048  # supervised positions per lm_head chunk
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
+    layers: list[int] | None = None  # only these decoder layers get adapters
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True  # evaluate the base model too, for the before/after table
+    generate: bool = True  # greedy generation + exact match (generation tasks)
+    split: str = field(default="auto", metadata=_choices("auto", "validation", "test"))
+    max_examples: int | None = None
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    show: int = 10  # rows of the before/after table
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None  # default: runs/<recipe name>
+    overwrite: bool = False
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    description: str = ""
+    task: str = field(default="generation", metadata=_choices("generation"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys whose scalar value is shorthand for one field of the section: `model=X` sets model.name.
+_SHORTHAND = {"model": "name", "data.train": "path", "data.validation": "path", "data.test": "path"}
+_SOURCE_KEYS = ("train", "validation", "test")
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key, for suggestions."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        sub = _dataclass_of(hints[f.name])
+        if sub is not None:
+            keys.extend(all_keys(sub, key + "."))
+    return keys
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _suggest(key: str) -> str:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Located:
+    """Maps dotted keys to a location string (recipe file and line, or the override)."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, str] = {}
+        self.default = "config"
+
+    def of(self, key: str) -> str:
+        parts = key.split(".")
+        while parts:
+            w = self.where.get(".".join(parts))
+            if w:
+                return w
+            parts.pop()
+        return self.default
+
+
+def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
+    """Check (and gently coerce) one value against a type hint."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, loc)
+            except TunelabError as e:
+                errors.append(e)
+        raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and key in _SHORTHAND:
+            value = {_SHORTHAND[key]: value}
+        if not isinstance(value, dict):
+            raise TunelabError(f"{key}: expected a section (mapping), got {value!r}", loc.of(key))
+        return _build(tp, value, key + ".", loc)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+        return [_coerce(v, inner, key, loc) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the types above are used
+        return value
+    raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+
+
+def _build(cls: type, raw: dict, prefix: str, loc: _Located) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in raw.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise TunelabError(f"unknown key {key}{_suggest(key)}", loc.of(key))
+        val = _coerce(v, hints[k], key, loc)
+        choices = names[k].metadata.get("choices")
+        if choices and val not in choices:
+            raise TunelabError(f"{key}: must be one of {', '.join(choices)}; got {val!r}", loc.of(key))
+        kwargs[k] = val
+    return cls(**kwargs)
+
+
+def _key_lines(text: str, filename: str) -> dict[str, str]:
+    """dotted key -> 'file:line' for every key of a YAML mapping tree."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for knode, vnode in node.value:
+                key = prefix + str(knode.value)
+                out[key] = f"{filename}:{knode.start_mark.line + 1}"
+                walk(vnode, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise TunelabError(f"expected key=value, got {item!r}", "override")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, loc: _Located) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        sub = node.get(p)
+        here = ".".join(parts[: i + 1])
+        if sub is None:
+            sub = node[p] = {}
+        elif isinstance(sub, str) and here in _SHORTHAND:
+            sub = node[p] = {_SHORTHAND[here]: sub}
+        elif not isinstance(sub, dict):
+            raise TunelabError(f"{here} is not a section; cannot set {key}", loc.of(key))
+        node = sub
+    node[parts[-1]] = value
+
+
+def _resolve_source_paths(raw: dict, base: Path) -> None:
+    """Data paths in a recipe are relative to the recipe file."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in _SOURCE_KEYS:
+        src = data.get(split)
+        if isinstance(src, str):
+            src = data[split] = {"path": src}
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
+            p = Path(os.path.expanduser(src["path"]))
+            if not p.is_absolute():
+                src["path"] = str((base / p).resolve())
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe (or a run's saved config.yaml), apply overrides, validate."""
+    loc = _Located()
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if p.is_dir() and (p / "config.yaml").exists():
+            p = p / "config.yaml"
+        if not p.exists():
+            raise TunelabError("recipe not found", str(path))
+        text = p.read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise TunelabError(f"invalid YAML: {getattr(e, 'problem', e)}", where) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise TunelabError("a recipe must be a YAML mapping of sections", str(path))
+        raw = loaded
+        loc.where.update(_key_lines(text, str(path)))
+        loc.default = str(path)
+        _resolve_source_paths(raw, p.parent.resolve())
+        raw.setdefault("name", p.stem if p.name != "config.yaml" else p.parent.name)
+    cwd = Path.cwd()
+    for item in overrides:
+        key, value = parse_override(item)
+        loc.where[key] = f"override {item}"
+        if key not in all_keys():
+            raise TunelabError(f"unknown key {key}{_suggest(key)}", f"override {item}")
+        _set_dotted(raw, key, value, loc)
+        if key.startswith("data.") and key.split(".")[1] in _SOURCE_KEYS:
+            _resolve_source_paths({"data": {key.split(".")[1]: raw["data"][key.split(".")[1]]}}, cwd)
+    cfg = _build(Config, raw, "", loc)
+    _check(cfg, loc)
+    return cfg
+
+
+def _check(cfg: Config, loc: _Located) -> None:
+    """Cross-field rules that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise TunelabError(f"{key}: {msg}", loc.of(key))
+
+    t = cfg.train
+    need(t.batch_size >= 1, "train.batch_size", "must be at least 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    need(t.epochs >= 1, "train.epochs", "must be at least 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be non-negative")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
+    need(t.dropout is None or 0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
+    for k in ("log_every", "eval_every", "checkpoint_every"):
+        need(getattr(t, k) >= 0, f"train.{k}", "must be non-negative")
+    need(t.mode != "freeze" or bool(t.trainable), "train.trainable",
+         "mode=freeze needs at least one parameter-name pattern to train")
+    if t.resume in ("false", "False", "no"):
+        t.resume = "never"
+    elif t.resume in ("true", "True", "yes"):
+        t.resume = "auto"
+    need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be positive")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(bool(cfg.lora.targets), "lora.targets", "must name at least one module (or all-linear)")
+    d = cfg.data
+    need(d.train is not None, "data.train", "a training source is required")
+    need(d.max_length >= 2, "data.max_length", "must be at least 2")
+    for k in ("validation_size", "test_size"):
+        v = getattr(d, k)
+        need(v >= 0 and (v < 1 or float(v).is_integer()), f"data.{k}", "must be a count or a fraction in [0, 1)")
+    need(d.train_size is None or d.train_size >= 1, "data.train_size", "must be at least 1")
+    for split in _SOURCE_KEYS:
+        src = getattr(d, split)
+        if src is not None:
+            need((src.path is None) != (src.dataset is None), f"data.{split}",
+                 "give exactly one of path or dataset")
+    e = cfg.eval
+    need(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
+    need(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Records to Examples: readers, templates, formats, batching."""

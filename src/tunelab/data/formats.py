@@ -1,0 +1,201 @@
+"""Records -> prompt/completion pairs -> tokenized Examples with loss masks.
+
+An Example's ``labels`` are -100 on prompt tokens and equal ``input_ids`` on completion tokens (and
+the appended EOS, so the model learns to stop). The prompt is tokenized on its own, exactly as it will
+be at generation time, so training and use see the same tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DataConfig
+from ..errors import TunelabError, one_line
+from .readers import Record, read_source
+from .templates import check_template, render
+
+IGNORE = -100
+
+
+@dataclass
+class Pair:
+    prompt: str
+    completion: str
+    where: str
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    prompt: str
+    completion: str
+    where: str
+    weight: float = 1.0
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def mask_prompt(prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
+    """input_ids and labels for one example: loss only on the target tokens."""
+    return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + list(target_ids)
+
+
+def load_formatter(spec: str) -> Callable[[dict], Any]:
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise TunelabError(f"expected module:function, got {spec!r}", "data.formatter")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise TunelabError(f"cannot import {mod_name}: {one_line(e)}", "data.formatter") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise TunelabError(f"{mod_name} has no function {fn_name!r}", "data.formatter")
+    return fn
+
+
+def to_pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
+    if cfg.formatter:
+        fn = load_formatter(cfg.formatter)
+        out = []
+        for r in records:
+            try:
+                res = fn(dict(r.fields))
+            except Exception as e:
+                raise TunelabError(f"formatter {cfg.formatter} failed: {one_line(e)}", r.where) from None
+            if not (isinstance(res, dict) and isinstance(res.get("prompt"), str)
+                    and isinstance(res.get("completion"), str)):
+                raise TunelabError(f"formatter {cfg.formatter} must return "
+                                   "{'prompt': str, 'completion': str}", r.where)
+            out.append(Pair(res["prompt"], res["completion"], r.where))
+        return out
+    check_template(cfg.prompt, "data.prompt")
+    check_template(cfg.completion, "data.completion")
+    return [Pair(render(cfg.prompt, r.fields, r.where, "data.prompt"),
+                 render(cfg.completion, r.fields, r.where, "data.completion"), r.where) for r in records]
+
+
+@dataclass
+class EncodeStats:
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_empty: int = 0
+    lengths: list[int] = field(default_factory=list)
+    supervised: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        n = max(len(self.lengths), 1)
+        s = sorted(self.lengths) or [0]
+        return {
+            "records": self.total, "examples": self.kept, "truncated": self.truncated,
+            "dropped_too_long": self.dropped_long, "dropped_empty_target": self.dropped_empty,
+            "tokens": sum(self.lengths), "supervised_tokens": sum(self.supervised),
+            "length_mean": round(sum(self.lengths) / n, 2), "length_median": s[len(s) // 2],
+            "length_max": s[-1],
+        }
+
+
+def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Example], EncodeStats]:
+    stats = EncodeStats(total=len(pairs))
+    eos = tok.eos_token_id
+    if cfg.add_eos and eos is None:
+        raise TunelabError("the tokenizer has no EOS token; set data.add_eos=false", "data.add_eos")
+    prompts = tok([p.prompt for p in pairs], add_special_tokens=True)["input_ids"] if pairs else []
+    targets = tok([p.completion for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    out = []
+    for pair, p_ids, t_ids in zip(pairs, prompts, targets):
+        if not pair.completion.strip() or not t_ids:
+            if cfg.empty_target == "drop":
+                stats.dropped_empty += 1
+                continue
+            raise TunelabError("empty completion: no tokens to train on (data.empty_target=drop skips "
+                               "such examples)", pair.where)
+        t_ids = list(t_ids) + ([eos] if cfg.add_eos else [])
+        if len(p_ids) + len(t_ids) > cfg.max_length:
+            if cfg.truncation == "drop":
+                stats.dropped_long += 1
+                continue
+            if cfg.truncation == "error":
+                raise TunelabError(f"example has {len(p_ids) + len(t_ids)} tokens, more than "
+                                   f"data.max_length={cfg.max_length}", pair.where)
+            room = cfg.max_length - len(p_ids)
+            if room < 1:
+                raise TunelabError(f"data.max_length={cfg.max_length} is shorter than the prompt "
+                                   f"({len(p_ids)} tokens): no room for the completion", pair.where)
+            t_ids = t_ids[:room]
+            stats.truncated += 1
+        ids, labels = mask_prompt(list(p_ids), t_ids)
+        out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where))
+        stats.lengths.append(len(ids))
+        stats.supervised.append(len(t_ids))
+    stats.kept = len(out)
+    if not out and pairs:
+        why = (f"all {stats.total} examples dropped: {stats.dropped_long} longer than "
+               f"data.max_length={cfg.max_length}, {stats.dropped_empty} with an empty completion")
+        raise TunelabError(why, f"data.{split}")
+    return out, stats
+
+
+def _size(value: float, n: int) -> int:
+    return int(value) if value >= 1 else int(round(value * n))
+
+
+def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
+    """Read the sources and make train/validation/test record lists (seeded split where asked)."""
+    assert cfg.train is not None
+    train = read_source(cfg.train)
+    where = cfg.train.path or cfg.train.dataset or "data.train"
+    if not train:
+        raise TunelabError("no records", where)
+    if cfg.unique_by:
+        seen: set = set()
+        kept = []
+        for r in train:
+            if cfg.unique_by not in r.fields:
+                raise TunelabError(f"missing field {cfg.unique_by!r} (used by data.unique_by)", r.where)
+            v = r.fields[cfg.unique_by]
+            if v not in seen:
+                seen.add(v)
+                kept.append(r)
+        train = kept
+    splits: dict[str, list[Record]] = {"validation": [], "test": []}
+    need_split = [s for s in ("test", "validation") if getattr(cfg, s) is None and getattr(cfg, f"{s}_size") > 0]
+    if need_split:
+        train = list(train)
+        random.Random(seed).shuffle(train)
+        for s in need_split:
+            k = _size(getattr(cfg, f"{s}_size"), len(train))
+            if k >= len(train):
+                raise TunelabError(f"data.{s}_size={getattr(cfg, f'{s}_size')} leaves no training records "
+                                   f"(there are {len(train)})", f"data.{s}_size")
+            splits[s], train = train[:k], train[k:]
+    for s in ("validation", "test"):
+        src = getattr(cfg, s)
+        if src is not None:
+            splits[s] = read_source(src)
+            if not splits[s]:
+                raise TunelabError("no records", src.path or src.dataset or f"data.{s}")
+    if cfg.train_size is not None:
+        train = train[: cfg.train_size]
+    splits["train"] = train
+    return splits
+
+
+def build_splits(cfg: DataConfig, tok, seed: int) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """Read, split, format and tokenize: train/validation/test Examples and their statistics."""
+    records = split_records(cfg, seed)
+    splits: dict[str, list[Example]] = {}
+    stats: dict[str, dict] = {}
+    for name in ("train", "validation", "test"):
+        examples, st = encode(to_pairs(records[name], cfg), tok, cfg, name)
+        splits[name], stats[name] = examples, st.summary()
+    return splits, stats

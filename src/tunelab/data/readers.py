@@ -1,0 +1,138 @@
+"""Read records (dicts) from JSONL, JSON, CSV, Parquet, plain text, or an HF dataset.
+
+Every record remembers where it came from (``file:line``) so that later errors can name it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import SourceConfig
+from ..errors import TunelabError, one_line
+
+
+@dataclass
+class Record:
+    fields: dict[str, Any]
+    where: str  # "file:line" (or "dataset[index]")
+
+
+_EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+        ".txt": "text", ".text": "text"}
+
+
+def detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    ext = Path(path).suffix.lower()
+    if ext not in _EXT:
+        raise TunelabError(f"cannot tell the format from the extension {ext!r}; set format "
+                           f"(jsonl, json, csv, parquet, text)", path)
+    return _EXT[ext]
+
+
+def read_source(src: SourceConfig) -> list[Record]:
+    if src.dataset is not None:
+        return _read_hf(src)
+    assert src.path is not None
+    path = src.path
+    if not Path(path).exists():
+        raise TunelabError("data file not found", path)
+    if Path(path).is_dir():
+        raise TunelabError("is a directory, not a data file", path)
+    fmt = detect_format(path, src.format)
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
+              "text": _read_text}[fmt]
+    try:
+        return reader(path, src)
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"not UTF-8 text ({one_line(e)})", path) from None
+
+
+def _read_text(path: str, src: SourceConfig) -> list[Record]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                out.append(Record({src.text_field: line.strip()}, f"{path}:{i}"))
+    return out
+
+
+def _read_jsonl(path: str, src: SourceConfig) -> list[Record]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{i}") from None
+            if not isinstance(obj, dict):
+                raise TunelabError(f"expected a JSON object, got {type(obj).__name__}", f"{path}:{i}")
+            out.append(Record(obj, f"{path}:{i}"))
+    return out
+
+
+def _read_json(path: str, src: SourceConfig) -> list[Record]:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{e.lineno}") from None
+    if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]} style
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise TunelabError("expected a JSON list of objects (or an object holding one list)", path)
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise TunelabError("expected a JSON list of objects", path)
+    out = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise TunelabError(f"item {i} is not a JSON object", path)
+        out.append(Record(item, f"{path}[{i}]"))
+    return out
+
+
+def _read_csv(path: str, src: SourceConfig) -> list[Record]:
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise TunelabError("CSV file has no header row", path)
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise TunelabError("more values than header columns", f"{path}:{line}")
+            out.append(Record(dict(row), f"{path}:{line}"))
+    return out
+
+
+def _read_parquet(path: str, src: SourceConfig) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover
+        raise TunelabError("reading Parquet needs pyarrow: pip install pyarrow", path) from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types
+        raise TunelabError(f"cannot read Parquet: {one_line(e)}", path) from None
+    return [Record(row, f"{path}[row {i}]") for i, row in enumerate(table.to_pylist())]
+
+
+def _read_hf(src: SourceConfig) -> list[Record]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise TunelabError("loading a dataset by name needs the datasets package", src.dataset) from None
+    try:
+        ds = datasets.load_dataset(src.dataset, src.subset, split=src.split)
+    except Exception as e:  # datasets raises many kinds (network, missing split, ...)
+        raise TunelabError(f"cannot load dataset: {one_line(e)[:300]}", f"dataset {src.dataset}") from None
+    return [Record(dict(row), f"{src.dataset}[{src.split}][{i}]") for i, row in enumerate(ds)]

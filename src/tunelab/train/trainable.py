@@ -1,0 +1,150 @@
+"""Choosing what trains: full | lora | head | freeze, and saving what was trained.
+
+- full: every parameter.
+- lora: PEFT LoRA adapters, W = W0 + (alpha/r)·B·A, on ``lora.targets`` (default q_proj, v_proj;
+  ``all-linear`` for every linear layer but the output head). Saved in PEFT's own format.
+- head: only the output head. When the head is tied to the input embeddings (SmolLM2, Llama-3.2 ...)
+  it is untied first: the head gets its own copy and trains, the input embeddings stay frozen, and the
+  saved model says ``tie_word_embeddings: false``.
+- freeze: only parameters whose names match ``train.trainable`` (fnmatch patterns, e.g.
+  ``model.layers.29.*``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig, TrainConfig
+from ..errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Override every dropout probability in the model (modules, attention dropout, config)."""
+    for key, value in list(vars(model.config).items()):
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(model.config, key, p)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    out_emb = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and m is not out_emb})
+
+
+def _apply_lora(model: nn.Module, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    linear = linear_module_names(model)
+    if lora.targets == ["all-linear"]:
+        targets: str | list[str] = "all-linear"
+    else:
+        targets = list(lora.targets)
+        for t in targets:
+            if t not in linear:
+                raise TunelabError(f"{t!r} matches no module of this model (linear modules: "
+                                   f"{', '.join(linear)}; or all-linear)", "lora.targets")
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if lora.layers is not None and n_layers is not None:
+        bad = [i for i in lora.layers if not 0 <= i < n_layers]
+        if bad:
+            raise TunelabError(f"layers {bad} out of range: the model has {n_layers}", "lora.layers")
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         layers_to_transform=lora.layers, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise TunelabError(f"PEFT refused the adapter: {e}", "lora.targets") from None
+
+
+def _untie_head(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is None:
+        raise TunelabError("this model has no output head to train", "train.mode")
+    if emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        return True
+    return False
+
+
+def apply_mode(model: nn.Module, train: TrainConfig, lora: LoraConfig) -> nn.Module:
+    """Returns the model to train (a PeftModel for lora) with requires_grad set."""
+    mode = train.mode
+    if mode == "lora":
+        model = _apply_lora(model, lora)
+    elif mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif mode == "head":
+        untied = _untie_head(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.get_output_embeddings().parameters():
+            p.requires_grad_(True)
+        if untied:
+            log.info("head mode: the output head was tied to the input embeddings; it now has its own "
+                     "copy that trains, and the input embeddings stay frozen")
+    elif mode == "freeze":
+        names = [n for n, _ in model.named_parameters()]
+        for pat in train.trainable:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise TunelabError(f"pattern {pat!r} matches no parameter (e.g. {names[0]}, {names[-1]})",
+                                   "train.trainable")
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(fnmatch.fnmatchcase(n, pat) for pat in train.trainable))
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (what a checkpoint must hold), by name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: nn.Module, mode: str, out_dir, tokenizer) -> None:
+    """LoRA: the PEFT adapter (adapter_config.json + adapter_model.safetensors). Otherwise: a full HF
+    model directory. The tokenizer goes beside either."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
