@@ -73,6 +73,7 @@ def write_recipe(path: Path, model: Path, names: Path, **sections) -> Path:
             recipe[section].update(values)
         else:
             recipe[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -88,7 +88,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss every N steps (0: only at the end)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    resume: str = "never"  # never | auto | path to a checkpoint directory
+    resume: str | bool = "never"  # never | auto | path to a checkpoint directory (true: auto, false: never)
     loss_chunk: int = 2048  # supervised positions per lm_head chunk
 
 
@@ -332,9 +332,7 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         if isinstance(src, str):
             src = data[split] = {"path": src}
         if isinstance(src, dict) and isinstance(src.get("path"), str):
-            p = Path(os.path.expanduser(src["path"]))
-            if not p.is_absolute():
-                src["path"] = str((base / p).resolve())
+            src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -369,9 +367,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         loc.where[key] = f"override {item}"
         if key not in all_keys():
             raise TunelabError(f"unknown key {key}{_suggest(key)}", f"override {item}")
+        if key in _SHORTHAND and isinstance(value, str):  # model=X sets model.name, keeping the section
+            key = f"{key}.{_SHORTHAND[key]}"
+            loc.where[key] = f"override {item}"
         _set_dotted(raw, key, value, loc)
-        if key.startswith("data.") and key.split(".")[1] in _SOURCE_KEYS:
-            _resolve_source_paths({"data": {key.split(".")[1]: raw["data"][key.split(".")[1]]}}, cwd)
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "data" and parts[1] in _SOURCE_KEYS and parts[2] == "path":
+            src = raw["data"][parts[1]]
+            if isinstance(src.get("path"), str):  # paths given on the command line are relative to the cwd
+                src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
     cfg = _build(Config, raw, "", loc)
     _check(cfg, loc)
     return cfg
@@ -401,9 +405,9 @@ def _check(cfg: Config, loc: _Located) -> None:
         need(getattr(t, k) >= 0, f"train.{k}", "must be non-negative")
     need(t.mode != "freeze" or bool(t.trainable), "train.trainable",
          "mode=freeze needs at least one parameter-name pattern to train")
-    if t.resume in ("false", "False", "no"):
+    if t.resume is False or t.resume in ("false", "False", "no"):
         t.resume = "never"
-    elif t.resume in ("true", "True", "yes"):
+    elif t.resume is True or t.resume in ("true", "True", "yes"):
         t.resume = "auto"
     need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be positive")

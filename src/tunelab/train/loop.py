@@ -7,6 +7,7 @@ clips, steps AdamW and the schedule, logs to ``metrics.jsonl``, and checkpoints 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -121,6 +122,16 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
     return out
 
 
+@contextlib.contextmanager
+def base_model_view(model):
+    """The model as it was before training: a PEFT model with its adapters disabled, else itself."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     """Run a recipe end to end; returns the run directory."""
     t_start = time.time()
@@ -137,10 +148,13 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     device = next(model.parameters()).device
     if cfg.train.dropout is not None:
         set_dropout(model, cfg.train.dropout)
-    base_for_before = model
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
+    model = apply_mode(model, cfg.train, cfg.lora)
+    n_train, n_total = count_parameters(model)
+    say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
+        f"mode={cfg.train.mode}", quiet)
 
     before = None
     before_path = run / "before.json"
@@ -148,12 +162,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
         before = json.loads(before_path.read_text())
     elif cfg.eval.before:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
-        before = evaluate_run(base_for_before, tok, cfg, eval_ex, val_ex, quiet)
+        with base_model_view(model):
+            before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet)
 
-    model = apply_mode(model, cfg.train, cfg.lora)
-    n_train, n_total = count_parameters(model)
-    say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
-        f"mode={cfg.train.mode}", quiet)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,

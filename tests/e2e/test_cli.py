@@ -1,0 +1,136 @@
+"""End to end: the real `tunelab` CLI as a subprocess on a tiny Llama built in the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tunelab, write_recipe
+from safetensors.torch import load_file
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_lora_writes_the_run_directory(recipe: Path):
+    proc = tunelab("train", str(recipe), "train.max_steps=4")
+    run = recipe.parent / "run"
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "before.json", "predictions.jsonl",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-4"):
+        assert (run / name).exists(), name
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("loss" in r and r["loss"] > 0 for r in rows)
+    result = json.loads((run / "eval.json").read_text())
+    assert 0.0 <= result["exact_match"] <= 1.0 and result["n"] == 20
+    assert "val_loss" in result and "before" in result
+    assert "before fine-tuning:" in proc.stdout and "after fine-tuning:" in proc.stdout
+    assert "(expected: " in proc.stdout
+    assert "trainable parameters:" in proc.stderr
+    # a second run into the same directory refuses rather than clobbering it
+    again = tunelab("train", str(recipe), "train.max_steps=4", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_full_training_lowers_the_loss(tmp_path, tiny_model, names_file):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file,
+                          train={"mode": "full", "max_steps": 30, "lr": 3e-3, "batch_size": 16},
+                          eval={"before": False, "generate": False})
+    tunelab("train", str(recipe))
+    run = tmp_path / "run"
+    rows = _metrics(run)
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.5
+    assert (run / "model" / "config.json").exists() and not (run / "adapter").exists()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_mid_run_matches_the_uninterrupted_run(tmp_path, tiny_model, names_file, mode):
+    common = {"mode": mode, "max_steps": 8, "batch_size": 8, "grad_accum": 2, "checkpoint_every": 3,
+              "keep_checkpoints": 5, "lr": 3e-3, "dropout": 0.1}
+    a = write_recipe(tmp_path / "a" / "r.yaml", tiny_model, names_file, train=common,
+                     eval={"before": False, "generate": False})
+    b = write_recipe(tmp_path / "b" / "r.yaml", tiny_model, names_file, train=common,
+                     eval={"before": False, "generate": False})
+    tunelab("train", str(a))
+    tunelab("train", str(b))
+    run_b = tmp_path / "b" / "run"
+    # Simulate a crash after step 5: only the step-3 checkpoint had been written; metrics ran ahead.
+    for name in ("checkpoints/step-6", "checkpoints/step-8", "adapter", "model", "eval.json"):
+        shutil.rmtree(run_b / name, ignore_errors=True) if (run_b / name).is_dir() else (run_b / name).unlink(
+            missing_ok=True)
+    lines = (run_b / "metrics.jsonl").read_text().splitlines()[:5]
+    (run_b / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    proc = tunelab("train", str(b), "--resume")
+    assert "resuming from" in proc.stderr and "step-3" in proc.stderr
+    ra, rb = _metrics(tmp_path / "a" / "run"), _metrics(run_b)
+    assert [r["step"] for r in rb] == list(range(1, 9))
+    for x, y in zip(ra, rb):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+    name = "adapter/adapter_model.safetensors" if mode == "lora" else "model/model.safetensors"
+    wa, wb = load_file(tmp_path / "a" / "run" / name), load_file(run_b / name)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_eval_merge_and_plain_peft_loading(tmp_path, tiny_model, names_file):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file,
+                          train={"max_steps": 6, "lr": 2e-2}, lora={"r": 4, "alpha": 16, "targets": ["all-linear"]})
+    tunelab("train", str(recipe))
+    run = tmp_path / "run"
+    proc = tunelab("eval", str(run), "--out", str(tmp_path / "m.json"))
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved = json.loads((run / "eval.json").read_text())
+    assert metrics["exact_match"] == saved["exact_match"]
+    assert abs(metrics["val_loss"] - saved["val_loss"]) < 1e-5
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 20
+
+    out = tmp_path / "merged"
+    tunelab("merge", str(run), str(out))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 7]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
+        adapter_logits = peft_model(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert not torch.allclose(base_logits, adapter_logits, atol=1e-4)  # training changed something
+    assert torch.allclose(adapter_logits, merged_logits, atol=1e-5)
+    # merging again into a non-empty directory needs --force
+    assert tunelab("merge", str(run), str(out), check=False).returncode == 2
+    tunelab("merge", str(run), str(out), "--force")
+
+
+def test_eval_on_a_recipe_evaluates_its_model(recipe: Path):
+    proc = tunelab("eval", str(recipe), "eval.max_examples=5")
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == 5 and "val_loss" in metrics
+
+
+def test_data_show_marks_supervised_tokens(recipe: Path):
+    proc = tunelab("data", "show", str(recipe), "-n", "3", "--ids")
+    header, out = proc.stdout.split("\n", 1)
+    assert "⟦ ⟧" in header
+    assert out.count("⟦") == 3 and out.count("⟧") == 3
+    first = out.split("--- ")[1]
+    assert "Reverse the name:" in first.split("⟦")[0]  # the prompt is outside the marks
+    assert "<eos>⟧" in out  # EOS carries loss
+    assert "length_mean=" in out and "supervised_tokens=" in out
+
+
+def test_overrides_work_on_every_recipe(recipe: Path, tmp_path):
+    out = tmp_path / "elsewhere"
+    tunelab("train", str(recipe), f"output.dir={out}", "train.max_steps=2", "train.seed=3",
+            "eval.before=false", "eval.generate=false")
+    cfg = (out / "config.yaml").read_text()
+    assert "max_steps: 2" in cfg and "seed: 3" in cfg
+    assert len(_metrics(out)) == 2
