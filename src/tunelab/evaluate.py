@@ -10,7 +10,7 @@ import torch
 from .data.batching import collate
 from .data.formats import Example
 from .generate import generate
-from .train.objectives import causal_lm_loss_sum
+from .train.forward import causal_lm_loss_sum
 
 
 @torch.no_grad()

@@ -30,7 +30,8 @@ from ..errors import TunelabError
 from ..evaluate import before_after_table, generation_metrics, validation_loss
 from ..models import load_model, load_tokenizer, resolve_model_path
 from . import checkpoint as ckpt
-from .objectives import causal_lm_loss_sum, lr_factor
+from .forward import causal_lm_loss_sum
+from .objectives import lr_factor
 from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
 
 log = logging.getLogger("tunelab")

@@ -89,32 +89,3 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_ratio + (1.0 - min_ratio) * decay
 
-
-def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(body, output head) of a causal LM (PEFT-wrapped or not), or None when the logits are more than
-    head(hidden) (soft-capping, logit scaling), in which case callers use the full forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
-        return None
-    head = base.get_output_embeddings()
-    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if head is None or body is None or body is base:
-        return None
-    return body, head
-
-
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
-    """Sum of CE over the supervised tokens of a padded batch, and their number.
-
-    Fast path: the model body gives hidden states (B, T, D) and the head runs only on supervised
-    positions (supervised_ce_sum). Fallback: full logits (B, T, V) and masked_ce_sum.
-    """
-    parts = split_head(model)
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
-    body, head = parts
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state  # (B, T, D)
-    return supervised_ce_sum(hidden, batch["labels"], head, batch.get("weight"), chunk)

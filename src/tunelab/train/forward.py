@@ -1,0 +1,87 @@
+"""The model side of the loss: hidden states from the body, the head only where there is loss.
+
+Two exact speed-ups over ``model(**batch).logits`` + cross-entropy, both on by default:
+- the output head (V x D, the biggest matrix of a small model) runs only on supervised positions
+  (``objectives.supervised_ce_sum``), never materialising (B, T, V) logits;
+- a token prefix that every row of a batch shares (an instruction, a system prompt) is run once, as a
+  batch of one, and its KV cache is repeated for the rows: the same numbers as running it B times.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .objectives import masked_ce_sum, supervised_ce_sum
+
+MIN_SHARED_PREFIX = 2  # tokens; below this the second forward call costs more than it saves
+
+
+def split_head(model) -> tuple[nn.Module, nn.Module] | None:
+    """(body, output head) of a causal LM (PEFT-wrapped or not), or None when the logits are more than
+    head(hidden) (soft-capping, logit scaling), in which case callers use the full forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
+        return None
+    head = base.get_output_embeddings()
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if head is None or body is None or body is base:
+        return None
+    return body, head
+
+
+def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Length of the longest token prefix that every row shares, unpadded, leaving each row >= 1 token."""
+    same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)  # (T,)
+    n = int(torch.cumprod(same.int(), 0).sum())
+    shortest = int(attention_mask.sum(1).min())
+    return min(n, shortest - 1)
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    if not model.training:
+        return False
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+            return True
+    return False
+
+
+def _cache_arg(body: nn.Module) -> str:
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def body_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                share_prefix: bool = True) -> torch.Tensor:
+    """Final hidden states (B, T, D) of a right-padded batch."""
+    B, T = input_ids.shape
+    P = shared_prefix_len(input_ids, attention_mask) if share_prefix and B > 1 else 0
+    if P < MIN_SHARED_PREFIX or _has_active_dropout(body):
+        # (dropout would draw one mask for the shared prefix instead of one per row: not the same thing)
+        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    key = _cache_arg(body)
+    pre = body(input_ids=input_ids[:1, :P], use_cache=True)  # (1, P, D) and the prefix's KV cache
+    cache = getattr(pre, key)
+    cache.batch_repeat_interleave(B)
+    positions = torch.arange(P, T, device=input_ids.device)[None].expand(B, -1)
+    rest = body(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions,
+                use_cache=True, **{key: cache}).last_hidden_state  # (B, T-P, D)
+    return torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest], dim=1)
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048,
+                       share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """Sum of CE over the supervised tokens of a padded batch, and their number."""
+    parts = split_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
+    body, head = parts
+    hidden = body_hidden(body, batch["input_ids"], batch["attention_mask"], share_prefix)
+    return supervised_ce_sum(hidden, batch["labels"], head, batch.get("weight"), chunk)

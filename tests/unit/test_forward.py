@@ -1,0 +1,101 @@
+"""The fast loss path equals the plain one: full logits + masked CE, for loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from tunelab.data.batching import collate
+from tunelab.data.formats import Example, mask_prompt
+from tunelab.train.forward import body_hidden, causal_lm_loss_sum, shared_prefix_len, split_head
+from tunelab.train.objectives import masked_ce_sum
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_model(tmp_path_factory.mktemp("fwd") / "m")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _batch(tok, names, shared=True):
+    exs = []
+    for n in names:
+        prompt = f"Reverse the name: {n}. Answer:" if shared else f"{n} reversed is"
+        p = tok(prompt)["input_ids"]
+        t = tok(" " + n[::-1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, labels = mask_prompt(p, t)
+        exs.append(Example(ids, labels, prompt, n[::-1], "test"))
+    return collate(exs, tok.pad_token_id)
+
+
+def test_shared_prefix_len():
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 5, 6], [1, 2, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert shared_prefix_len(ids, mask) == 2
+    assert shared_prefix_len(ids[:2], mask[:2]) == 3
+    # never the whole of the shortest row: each row keeps at least one token of its own
+    assert shared_prefix_len(torch.tensor([[1, 2], [1, 2]]), torch.ones(2, 2, dtype=torch.long)) == 1
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fast_path_equals_full_logits(tiny, mode):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    m = model
+    if mode == "lora":
+        import copy
+
+        m = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                             init_lora_weights=False))
+    m.train()
+    batch = _batch(tok, ["emma", "olivia", "ava", "isabella", "sophia"])
+    assert shared_prefix_len(batch["input_ids"], batch["attention_mask"]) >= 2
+
+    results = []
+    for how in ("plain", "fast", "fast-no-prefix"):
+        m.zero_grad()
+        if how == "plain":
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n = masked_ce_sum(logits, batch["labels"])
+        else:
+            loss, n = causal_lm_loss_sum(m, batch, chunk=7, share_prefix=how == "fast")
+        loss.backward()
+        results.append((float(loss), n, _grads(m)))
+    (l0, n0, g0) = results[0]
+    for loss, n, g in results[1:]:
+        assert n == n0
+        assert abs(loss - l0) < 1e-5 * max(1.0, abs(l0))
+        assert g.keys() == g0.keys() and g
+        for k in g0:
+            assert torch.allclose(g[k], g0[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_prefix_sharing_hidden_states_match(tiny):
+    model, tok = tiny
+    body, _ = split_head(model)
+    batch = _batch(tok, ["emma", "jo", "christopher"])
+    with torch.no_grad():
+        a = body_hidden(body, batch["input_ids"], batch["attention_mask"], share_prefix=True)
+        b = body_hidden(body, batch["input_ids"], batch["attention_mask"], share_prefix=False)
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+
+
+def test_no_shared_prefix_falls_back(tiny):
+    model, tok = tiny
+    batch = _batch(tok, ["emma", "olivia"], shared=False)
+    assert shared_prefix_len(batch["input_ids"], batch["attention_mask"]) < 2
+    with torch.no_grad():
+        loss, n = causal_lm_loss_sum(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref, n_ref = masked_ce_sum(logits, batch["labels"])
+    assert n == n_ref and abs(float(loss) - float(ref)) < 1e-4
