@@ -110,6 +110,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 64
     show: int = 10  # rows of the before/after table
+    during_training: bool = False  # also score generation at every train.eval_every
 
 
 @dataclass

@@ -38,11 +38,14 @@ def test_train_lora_writes_the_run_directory(recipe: Path):
 
 def test_full_training_lowers_the_loss(tmp_path, tiny_model, names_file):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file,
-                          train={"mode": "full", "max_steps": 30, "lr": 3e-3, "batch_size": 16},
-                          eval={"before": False, "generate": False})
+                          train={"mode": "full", "max_steps": 30, "lr": 3e-3, "batch_size": 16, "eval_every": 10},
+                          eval={"before": False, "during_training": True, "max_examples": 8})
     tunelab("train", str(recipe))
     run = tmp_path / "run"
     rows = _metrics(run)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+    assert all(0 <= r["exact_match"] <= 1 for r in rows if "val_loss" in r)
+    assert rows[19]["val_loss"] < rows[9]["val_loss"]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.5

@@ -240,15 +240,19 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             rec: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
                                    "tokens": n_tok, "supervised_tokens": n_sup, "tokens_per_s": round(n_tok / dt, 1),
                                    "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_ex and step < steps:
-                rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
-                                                        cfg.train.loss_chunk), 6)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                if val_ex:
+                    rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
+                                                            cfg.train.loss_chunk), 6)
+                if cfg.eval.during_training and cfg.eval.generate and eval_ex:
+                    rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
+                                                            cfg.eval.batch_size)["exact_match"]
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
             if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
-                extra = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
             if step == steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
