@@ -1,0 +1,40 @@
+"""The loop's data stream and step arithmetic."""
+
+from __future__ import annotations
+
+import itertools
+
+from tunelab.config import load_config
+from tunelab.data.formats import Example
+from tunelab.train.loop import Position, micro_batches, total_steps
+
+
+def _cfg(tmp_path, *overrides):
+    p = tmp_path / "r.yaml"
+    p.write_text("data: {train: x.txt}\n")
+    return load_config(p, list(overrides))
+
+
+def _examples(n):
+    return [Example(list(range(1 + i % 7)), [-100] * (1 + i % 7), "", "", "x") for i in range(n)]
+
+
+def test_stream_resumes_at_any_position_without_replaying(tmp_path):
+    cfg = _cfg(tmp_path, "train.batch_size=4")
+    exs = _examples(22)  # 6 batches an epoch, the last of 2
+    full = list(itertools.islice(micro_batches(exs, cfg, Position()), 20))
+    for k in (1, 5, 6, 7, 13):
+        pos = full[k - 1][0]  # the position after k micro-batches
+        rest = list(itertools.islice(micro_batches(exs, cfg, pos), 20 - k))
+        assert [b for _, b in rest] == [b for _, b in full[k:]]
+    assert full[5][0] == Position(1, 0) and full[6][0] == Position(1, 1)
+    first_epoch = sorted(i for _, b in full[:6] for i in b)
+    assert first_epoch == list(range(22))
+    assert [b for _, b in full[:6]] != [b for _, b in full[6:12]]  # epochs are shuffled differently
+
+
+def test_total_steps(tmp_path):
+    assert total_steps(_cfg(tmp_path, "train.batch_size=4"), 22) == 6
+    assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=4"), 22) == 2
+    assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.epochs=3", "train.grad_accum=4"), 22) == 5
+    assert total_steps(_cfg(tmp_path, "train.max_steps=17", "train.epochs=3"), 22) == 17
