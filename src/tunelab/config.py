@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import yaml
 
+from .data.templates import check_template
 from .errors import TunelabError
 
 
@@ -110,6 +111,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 64
     show: int = 10  # rows of the before/after table
+    display: str | None = None  # template over record fields for the table's input column (default: prompt)
     during_training: bool = False  # also score generation at every train.eval_every
 
 
@@ -295,6 +297,27 @@ def _key_lines(text: str, filename: str) -> dict[str, str]:
     return out
 
 
+def _field_type(key: str) -> Any:
+    """The type hint of a dotted key (None if unknown)."""
+    cls: Any = Config
+    tp: Any = None
+    for part in key.split("."):
+        sub = _dataclass_of(cls) if cls is not None else None
+        if sub is None:
+            return None
+        hints = typing.get_type_hints(sub)
+        if part not in hints:
+            return None
+        tp = cls = hints[part]
+    return tp
+
+
+def _is_text_field(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType)
+                         and str in typing.get_args(tp) and not any(
+                             typing.get_origin(a) is list or dataclasses.is_dataclass(a) for a in typing.get_args(tp)))
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise TunelabError(f"expected key=value, got {item!r}", "override")
@@ -304,6 +327,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if isinstance(value, (dict, list)) and _is_text_field(_field_type(key)):
+        value = text  # a template such as eval.display={name} is text, not a YAML mapping
     return key, value
 
 
@@ -427,6 +452,8 @@ def _check(cfg: Config, loc: _Located) -> None:
             need((src.path is None) != (src.dataset is None), f"data.{split}",
                  "give exactly one of path or dataset")
     e = cfg.eval
+    if e.display:
+        check_template(e.display, loc.of("eval.display"))
     need(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
     need(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
 

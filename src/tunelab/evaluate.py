@@ -9,6 +9,7 @@ import torch
 
 from .data.batching import collate
 from .data.formats import Example
+from .data.templates import render
 from .generate import generate
 from .train.forward import causal_lm_loss_sum
 
@@ -42,13 +43,17 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-                       progress: bool = False) -> dict[str, Any]:
-    """Greedy completions for each example's prompt, scored against its reference completion."""
+                       progress: bool = False, display: str | None = None) -> dict[str, Any]:
+    """Greedy completions for each example's prompt, scored against its reference completion.
+
+    ``display`` is a template over the record's fields for the table's input column (default: the prompt).
+    """
     outputs = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress)
     rows = []
     for e, (out,) in zip(examples, outputs):
-        rows.append({"prompt": e.prompt, "expected": e.completion, "output": out,
+        shown = render(display, e.record, e.where, "eval.display") if display else e.prompt
+        rows.append({"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
                      "correct": exact_match(out, e.completion)})
     n = len(rows)
     return {"exact_match": sum(r["correct"] for r in rows) / max(n, 1), "n": n, "samples": rows}
@@ -63,7 +68,7 @@ def before_after_table(before: dict | None, after: dict, show: int) -> str:
         lines.append(f"{title} fine-tuning:")
         for r in res["samples"][:show]:
             mark = "✓" if r["correct"] else "✗"
-            lines.append(f"  {r['prompt']} → {normalize(r['output'])} "
+            lines.append(f"  {r.get('input', r['prompt'])} → {normalize(r['output'])} "
                          f"(expected: {normalize(r['expected'])}) {mark}")
         lines.append(f"  exact match: {res['exact_match']:.1%} over {res['n']} held-out examples")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_train_lora_writes_the_run_directory(recipe: Path):
-    proc = tunelab("train", str(recipe), "train.max_steps=4")
+    proc = tunelab("train", str(recipe), "train.max_steps=4", "eval.display={name}")
     run = recipe.parent / "run"
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "before.json", "predictions.jsonl",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-4"):
@@ -30,6 +30,9 @@ def test_train_lora_writes_the_run_directory(recipe: Path):
     assert "val_loss" in result and "before" in result
     assert "before fine-tuning:" in proc.stdout and "after fine-tuning:" in proc.stdout
     assert "(expected: " in proc.stdout
+    table = [line for line in proc.stdout.splitlines() if "(expected: " in line]
+    first = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])
+    assert table[3].strip().startswith(first["input"] + " → ") and "Reverse" not in table[3]
     assert "trainable parameters:" in proc.stderr
     # a second run into the same directory refuses rather than clobbering it
     again = tunelab("train", str(recipe), "train.max_steps=4", check=False)

@@ -302,3 +302,13 @@ def test_round_trip_default_config(tmp_path):
     cfg = load_config(None, ["data.train.path=/abs/train.txt"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_override_template_text_is_not_parsed_as_yaml(tmp_path):
+    cfg = load_config(_recipe(tmp_path), ["eval.display={name}", "data.prompt={q} {a}"])
+    assert cfg.eval.display == "{name}" and cfg.data.prompt == "{q} {a}"
+
+
+def test_bad_display_template_fails_early(tmp_path):
+    with pytest.raises(TunelabError, match="unknown filter"):
+        load_config(_recipe(tmp_path), ["eval.display={name|backwards}"])

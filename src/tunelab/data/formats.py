@@ -26,6 +26,7 @@ class Pair:
     prompt: str
     completion: str
     where: str
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Example:
     completion: str
     where: str
     weight: float = 1.0
+    record: dict[str, Any] = field(default_factory=dict)  # the source record's fields (for display)
 
     @property
     def n_supervised(self) -> int:
@@ -74,12 +76,12 @@ def to_pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
                     and isinstance(res.get("completion"), str)):
                 raise TunelabError(f"formatter {cfg.formatter} must return "
                                    "{'prompt': str, 'completion': str}", r.where)
-            out.append(Pair(res["prompt"], res["completion"], r.where))
+            out.append(Pair(res["prompt"], res["completion"], r.where, r.fields))
         return out
     check_template(cfg.prompt, "data.prompt")
     check_template(cfg.completion, "data.completion")
     return [Pair(render(cfg.prompt, r.fields, r.where, "data.prompt"),
-                 render(cfg.completion, r.fields, r.where, "data.completion"), r.where) for r in records]
+                 render(cfg.completion, r.fields, r.where, "data.completion"), r.where, r.fields) for r in records]
 
 
 @dataclass
@@ -134,7 +136,7 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
             t_ids = t_ids[:room]
             stats.truncated += 1
         ids, labels = mask_prompt(list(p_ids), t_ids)
-        out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where))
+        out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record))
         stats.lengths.append(len(ids))
         stats.supervised.append(len(t_ids))
     stats.kept = len(out)

@@ -118,7 +118,7 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
         out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size, cfg.train.loss_chunk)
     if cfg.eval.generate and examples:
         res = generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                 progress=not quiet and sys.stderr.isatty())
+                                 progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display)
         out.update(res)
     return out
 
