@@ -1,4 +1,4 @@
-"""The command line: tunelab train | eval | merge | data show.
+"""The command line: tunelab train | eval | merge | predict | export | data show.
 
 User errors print one line (``tunelab: <where>: <what>``) and exit 2; ``--debug`` shows tracebacks.
 """
@@ -41,9 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.formats import build_splits
-    from .evaluate import before_after_table
-    from .models import load_model, load_tokenizer, load_trained
+    from .data.formats import build_dataset
+    from .evaluate import before_after_table, format_confusion
+    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
     from .train.loop import _without_samples, eval_split, evaluate_run
 
     target = Path(args.target)
@@ -52,12 +52,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TunelabError("not a run directory (no config.yaml) nor a recipe file", str(target))
     cfg = load_config(target, args.overrides)
     tok = load_tokenizer(cfg.model)
-    splits, _ = build_splits(cfg.data, tok, cfg.train.seed)
+    splits, _, labels = build_dataset(cfg, tok)
     split_name, examples = eval_split(cfg, splits)
-    model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
-    res = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet)
+    if cfg.task == "classification":
+        if not is_run:
+            raise TunelabError("a classifier's head is trained: evaluate a run directory", str(target))
+        model, tok = load_trained_classifier(target, cfg.model)
+        if model.labels != labels:
+            raise TunelabError(f"the run's head has {len(model.labels)} classes, the data {len(labels)} "
+                               f"({', '.join(labels[:8])})", str(target))
+    else:
+        model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
+    res = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet, labels)
     if "samples" in res:
         print(before_after_table(None, res, cfg.eval.show).replace("after fine-tuning:", f"{target}:"))
+    if "confusion" in res:
+        print(f"accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f} over {res['n']} examples")
+        print(format_confusion(res))
     out = {"target": str(target), "split": split_name, **_without_samples(res)}
     print(json.dumps(out))
     if args.out:
@@ -91,6 +102,73 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .config import SourceConfig, load_config
+    from .data.formats import Example
+    from .data.readers import read_source
+    from .data.templates import fields_of, render
+    from .evaluate import class_probabilities
+    from .models import load_trained_classifier
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", str(run))
+    cfg = load_config(run)
+    if cfg.task != "classification":
+        raise TunelabError("predict is for classification runs (use tunelab eval or generate)", str(run))
+    if not args.texts and not args.input:
+        raise TunelabError("give texts to classify, or --input FILE", "predict")
+    fields = fields_of(cfg.classify.text)
+    records: list[tuple[dict, str]] = []
+    for t in args.texts:  # a bare text fills the template's one field, or is the input as it is
+        records.append(({fields[0]: t} if len(set(fields)) == 1 else {}, t))
+    if args.input:
+        for r in read_source(SourceConfig(path=args.input)):
+            records.append((r.fields, r.where))
+    model, tok = load_trained_classifier(run, cfg.model)
+    examples = []
+    for rec, where in records:
+        text = render(cfg.classify.text, rec, where, "classify.text") if rec else where
+        if not text.strip():
+            raise TunelabError("empty text: nothing to classify", where if rec else "predict")
+        ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
+        examples.append(Example(ids, [-100] * len(ids), text, "", where))
+    probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
+    rows = []
+    for e, p in zip(examples, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        rows.append({"text": e.prompt, "label": model.labels[best],
+                     "probs": {name: round(v, 6) for name, v in zip(model.labels, p)}})
+    if args.output:
+        atomic.write_text(Path(args.output), "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .classify import export_sequence_classification
+    from .config import load_config
+    from .models import load_trained_classifier
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", str(run))
+    cfg = load_config(run)
+    if cfg.task != "classification":
+        raise TunelabError("export writes a sequence-classification model; for a LoRA generation run use "
+                           "tunelab merge", str(run))
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
+    model, tok = load_trained_classifier(run, cfg.model)
+    atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok))
+    print(f"sequence-classification model written to {out}", file=sys.stderr)
+    return 0
+
+
 def _marked(tok, ids: list[int], labels: list[int], color: bool) -> str:
     """The tokens of one example, those carrying loss inside ⟦ ⟧ (or highlighted on a terminal)."""
     parts, inside = [], False
@@ -109,13 +187,25 @@ def _marked(tok, ids: list[int], labels: list[int], color: bool) -> str:
 
 def cmd_data_show(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.formats import build_splits
+    from .data.formats import build_dataset
     from .models import load_tokenizer
 
     cfg = load_config(args.recipe, args.overrides)
     tok = load_tokenizer(cfg.model)
-    splits, stats = build_splits(cfg.data, tok, cfg.train.seed)
+    splits, stats, labels = build_dataset(cfg, tok)
     examples = splits[args.split]
+    if labels is not None:
+        print(f"{args.split}: {len(examples)} examples, {len(labels)} classes: {', '.join(labels)}")
+        for e in examples[: args.n]:
+            print(f"--- {e.where} ({len(e.input_ids)} tokens) label {e.completion!r} (class {e.label})")
+            print(tok.decode(e.input_ids))
+            if args.ids:
+                print("input_ids:", e.input_ids)
+        print("--- statistics")
+        for split, st in stats.items():
+            if split != "labels":
+                print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
+        return 0
     color = sys.stdout.isatty()
     print(f"{args.split}: {len(examples)} examples; supervised tokens are "
           + ("highlighted" if color else "inside ⟦ ⟧"))
@@ -155,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     m.set_defaults(func=cmd_merge)
+
+    pr = sub.add_parser("predict", help="classify texts with a classification run (class probabilities)")
+    pr.add_argument("run_dir")
+    pr.add_argument("texts", nargs="*", help="texts (a bare text fills the input template's one field)")
+    pr.add_argument("--input", help="records to classify (JSONL, CSV, ...), formatted by the run's template")
+    pr.add_argument("--output", help="write JSONL here instead of printing it")
+    pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="write a classification run as a transformers *ForSequenceClassification")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="inspect data")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

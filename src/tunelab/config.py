@@ -103,6 +103,17 @@ class LoraConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    """task: classification - p(y|x) = softmax(W h + b) on the pooled hidden state h."""
+
+    text: str = "{text}"  # template over record fields: the input x
+    label: str = "{label}"  # template over record fields giving the class, e.g. {label} or {name|vowels}
+    labels: list[str] | None = None  # the label set in order; default: read from the training data
+    pooling: str = field(default="last", metadata=_choices("last", "first", "mean"))  # last non-padding token
+    bias: bool = False  # b; transformers' *ForSequenceClassification heads have none (export needs false)
+
+
+@dataclass
 class EvalConfig:
     before: bool = True  # evaluate the base model too, for the before/after table
     generate: bool = True  # greedy generation + exact match (generation tasks)
@@ -126,11 +137,12 @@ class OutputConfig:
 class Config:
     name: str = "run"
     description: str = ""
-    task: str = field(default="generation", metadata=_choices("generation"))
+    task: str = field(default="generation", metadata=_choices("generation", "classification"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -451,6 +463,12 @@ def _check(cfg: Config, loc: _Located) -> None:
         if src is not None:
             need((src.path is None) != (src.dataset is None), f"data.{split}",
                  "give exactly one of path or dataset")
+    if cfg.task == "classification":
+        check_template(cfg.classify.text, loc.of("classify.text"))
+        check_template(cfg.classify.label, loc.of("classify.label"))
+        if cfg.classify.labels is not None:
+            need(len(cfg.classify.labels) >= 2, "classify.labels", "needs at least two classes")
+            need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
     e = cfg.eval
     if e.display:
         check_template(e.display, loc.of("eval.display"))

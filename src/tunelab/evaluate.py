@@ -16,8 +16,9 @@ from .train.forward import causal_lm_loss_sum
 
 @torch.no_grad()
 def validation_loss(model, examples: list[Example], pad_id: int, batch_size: int = 32,
-                    chunk: int = 2048) -> float:
-    """Mean CE per supervised token over the examples (eval mode, no dropout)."""
+                    chunk: int = 2048, loss_fn=None) -> float:
+    """Mean CE per supervised token (per example for classification) over the examples, in eval mode."""
+    loss_fn = loss_fn or causal_lm_loss_sum
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -26,7 +27,7 @@ def validation_loss(model, examples: list[Example], pad_id: int, batch_size: int
     for s in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, k = causal_lm_loss_sum(model, batch, chunk)
+        loss_sum, k = loss_fn(model, batch, chunk)
         total += float(loss_sum)
         n += k
     model.train(was_training)
@@ -76,3 +77,64 @@ def before_after_table(before: dict | None, after: dict, show: int) -> str:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def class_probabilities(model, examples: list[Example], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """(N, K) class probabilities of a SequenceClassifier, in the examples' order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = [None] * len(examples)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id)
+        probs = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).softmax(-1).cpu()
+        for j, i in enumerate(idx):
+            out[i] = probs[j]
+    model.train(was_training)
+    return torch.stack(out) if out else torch.zeros(0, 0)
+
+
+def confusion_matrix(gold: list[int], pred: list[int], k: int) -> list[list[int]]:
+    """m[i][j] = how many examples of class i were predicted as class j."""
+    m = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, pred):
+        m[g][p] += 1
+    return m
+
+
+def macro_f1(matrix: list[list[int]]) -> float:
+    """Mean over classes of F1; a class with no gold and no predicted examples is left out."""
+    k = len(matrix)
+    scores = []
+    for c in range(k):
+        tp = matrix[c][c]
+        gold = sum(matrix[c])
+        pred = sum(matrix[r][c] for r in range(k))
+        if gold == 0 and pred == 0:
+            continue
+        scores.append(2 * tp / (gold + pred) if gold + pred else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def classification_metrics(model, examples: list[Example], labels: list[str], pad_id: int,
+                           batch_size: int = 64) -> dict[str, Any]:
+    probs = class_probabilities(model, examples, pad_id, batch_size)
+    gold = [e.label for e in examples]
+    pred = probs.argmax(-1).tolist() if len(examples) else []
+    matrix = confusion_matrix(gold, pred, len(labels))
+    n = len(examples)
+    return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / max(n, 1), "macro_f1": macro_f1(matrix),
+            "n": n, "labels": labels, "confusion": matrix}
+
+
+def format_confusion(res: dict[str, Any]) -> str:
+    """The confusion matrix as text: rows are the true class, columns the predicted one."""
+    labels = res["labels"]
+    width = max(5, *(len(x) for x in labels)) + 1
+    lines = ["true \\ predicted".ljust(width) + "".join(x.rjust(width) for x in labels)]
+    for name, row in zip(labels, res["confusion"]):
+        lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)

@@ -178,3 +178,29 @@ def load_trained(run_dir: Path, cfg: ModelConfig):
         local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model")})
         return load_model(local)
     raise TunelabError("no adapter/ or model/ in the run directory (did training finish?)", str(run_dir))
+
+
+def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
+    """A classification run's SequenceClassifier: its language model (base, + adapter/, or model/) and head."""
+    from .classify import SequenceClassifier, read_head_meta
+
+    run_dir = Path(run_dir)
+    for name in ("adapter", "model", "classifier"):
+        out = run_dir / name
+        if out.is_dir():
+            break
+    else:
+        raise TunelabError("no adapter/, model/ or classifier/ in the run directory (did training finish?)",
+                           str(run_dir))
+    meta = read_head_meta(out)
+    if name == "model":
+        lm, tok = load_model(ModelConfig(**{**cfg.__dict__, "name": str(out)}))
+    else:
+        lm, tok = load_model(cfg)
+        if name == "adapter":
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, out)
+    clf = SequenceClassifier(lm, meta["labels"], meta["pooling"], meta["bias"])
+    clf.load_head(out)
+    return clf.eval(), tok

@@ -47,4 +47,7 @@ def collate(examples: list[Example], pad_id: int, side: str = "right") -> dict[s
         labels[b, sl] = torch.tensor(e.labels)
         mask[b, sl] = 1
     weight = torch.tensor([e.weight for e in examples], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weight": weight}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "weight": weight}
+    if examples[0].label >= 0:  # classification: one class index per example
+        batch["class_labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return batch

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DataConfig
+from ..config import ClassifyConfig, Config, DataConfig
 from ..errors import TunelabError, one_line
 from .readers import Record, read_source
 from .templates import check_template, render
@@ -38,6 +38,7 @@ class Example:
     where: str
     weight: float = 1.0
     record: dict[str, Any] = field(default_factory=dict)  # the source record's fields (for display)
+    label: int = -1  # classification: the class index (labels are then all -100)
 
     @property
     def n_supervised(self) -> int:
@@ -201,3 +202,67 @@ def build_splits(cfg: DataConfig, tok, seed: int) -> tuple[dict[str, list[Exampl
         examples, st = encode(to_pairs(records[name], cfg), tok, cfg, name)
         splits[name], stats[name] = examples, st.summary()
     return splits, stats
+
+
+def label_names(records: list[Record], ccfg: ClassifyConfig) -> list[str]:
+    """The label set: declared in the recipe, or the training data's labels (numbers in numeric order)."""
+    if ccfg.labels is not None:
+        return list(ccfg.labels)
+    values = {render(ccfg.label, r.fields, r.where, "classify.label").strip() for r in records}
+    numeric = all(v.lstrip("-").isdigit() for v in values)
+    return sorted(values, key=lambda v: (int(v), v) if numeric else (0, v))
+
+
+def encode_classification(records: list[Record], tok, cfg: DataConfig, ccfg: ClassifyConfig,
+                          labels: list[str], split: str) -> tuple[list[Example], EncodeStats]:
+    """Records -> Examples whose input is the rendered text and whose target is a class index."""
+    index = {name: i for i, name in enumerate(labels)}
+    stats = EncodeStats(total=len(records))
+    texts = [render(ccfg.text, r.fields, r.where, "classify.text") for r in records]
+    ids_all = tok(texts, add_special_tokens=True)["input_ids"] if records else []
+    out = []
+    for r, text, ids in zip(records, texts, ids_all):
+        if not text.strip():
+            raise TunelabError("empty text: nothing to classify", r.where)
+        value = render(ccfg.label, r.fields, r.where, "classify.label").strip()
+        if value not in index:
+            shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
+            raise TunelabError(f"label {value!r} is not in the label set ({shown})", r.where)
+        if len(ids) > cfg.max_length:
+            if cfg.truncation == "drop":
+                stats.dropped_long += 1
+                continue
+            if cfg.truncation == "error":
+                raise TunelabError(f"text has {len(ids)} tokens, more than data.max_length={cfg.max_length}",
+                                   r.where)
+            ids = ids[: cfg.max_length]
+            stats.truncated += 1
+        out.append(Example(list(ids), [IGNORE] * len(ids), text, value, r.where, record=r.fields,
+                           label=index[value]))
+        stats.lengths.append(len(ids))
+        stats.supervised.append(1)
+    stats.kept = len(out)
+    if not out and records:
+        raise TunelabError(f"all {stats.total} examples dropped: longer than data.max_length={cfg.max_length}",
+                           f"data.{split}")
+    return out, stats
+
+
+def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, Any], list[str] | None]:
+    """Examples of every split, their statistics, and (classification) the label names."""
+    if cfg.task != "classification":
+        splits, stats = build_splits(cfg.data, tok, cfg.train.seed)
+        return splits, stats, None
+    records = split_records(cfg.data, cfg.train.seed)
+    labels = label_names(records["train"], cfg.classify)
+    splits, stats = {}, {}
+    for name in ("train", "validation", "test"):
+        examples, st = encode_classification(records[name], tok, cfg.data, cfg.classify, labels, name)
+        splits[name], stats[name] = examples, st.summary()
+    seen = {e.label for e in splits["train"]}
+    if len(seen) < 2:
+        where = cfg.data.train.path or cfg.data.train.dataset if cfg.data.train else "data.train"
+        raise TunelabError(f"the training set has a single class ({labels[next(iter(seen))]!r}): "
+                           "nothing to learn", where)
+    stats["labels"] = labels
+    return splits, stats, labels

@@ -23,11 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import atomic
+from ..classify import SequenceClassifier, classifier_loss_sum
 from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
-from ..data.formats import Example, build_splits
+from ..data.formats import Example, build_dataset
 from ..errors import TunelabError
-from ..evaluate import before_after_table, generation_metrics, validation_loss
+from ..evaluate import before_after_table, classification_metrics, format_confusion, generation_metrics, validation_loss
 from ..models import load_model, load_tokenizer, resolve_model_path
 from . import checkpoint as ckpt
 from .forward import causal_lm_loss_sum
@@ -111,12 +112,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool) -> dict:
-    """Validation loss and, for generation tasks, greedy exact match on the held-out split."""
+def objective(cfg: Config):
+    """(loss_sum(model, batch, chunk), count(batch)): what a step minimises, and what it is normalised by."""
+    if cfg.task == "classification":
+        return classifier_loss_sum, lambda b: int(b["class_labels"].numel())
+    return causal_lm_loss_sum, lambda b: int((b["labels"][:, 1:] != -100).sum())
+
+
+def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
+                 labels: list[str] | None = None) -> dict:
+    """Validation loss and, on the held-out split, exact match (generation) or accuracy (classification)."""
     out: dict[str, Any] = {}
     if val:
-        out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size, cfg.train.loss_chunk)
-    if cfg.eval.generate and examples:
+        out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size, cfg.train.loss_chunk,
+                                          loss_fn=objective(cfg)[0])
+    if cfg.task == "classification":
+        if examples:
+            out.update(classification_metrics(model, examples, labels or [], tok.pad_token_id, cfg.eval.batch_size))
+    elif cfg.eval.generate and examples:
         res = generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                  progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display)
         out.update(res)
@@ -126,8 +139,9 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
 @contextlib.contextmanager
 def base_model_view(model):
     """The model as it was before training: a PEFT model with its adapters disabled, else itself."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+    target = getattr(model, "lm", model)  # a SequenceClassifier's language model
+    if hasattr(target, "disable_adapter"):
+        with target.disable_adapter():
             yield
     else:
         yield
@@ -141,7 +155,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name)
     tok = load_tokenizer(cfg.model, model_path)
-    splits, data_stats = build_splits(cfg.data, tok, cfg.train.seed)
+    splits, data_stats, labels = build_dataset(cfg, tok)
     train_ex = splits["train"]
     split_name, eval_ex = eval_split(cfg, splits)
     val_ex = splits["validation"]
@@ -152,7 +166,10 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
-    model = apply_mode(model, cfg.train, cfg.lora)
+    if cfg.task == "classification":
+        model = make_classifier(model, cfg, labels)
+    else:
+        model = apply_mode(model, cfg.train, cfg.lora)
     n_train, n_total = count_parameters(model)
     say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
         f"mode={cfg.train.mode}", quiet)
@@ -164,7 +181,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     elif cfg.eval.before:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
-            before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet)
+            before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
@@ -207,6 +224,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True)
     t_loop = time.time()
+    loss_fn, count = objective(cfg)
     with open(metrics_path, "a") as metrics:
         while step < steps:
             t0 = time.time()
@@ -218,12 +236,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             for _ in range(cfg.train.grad_accum):
                 pos, idx = next(stream)
                 micro.append(collate([train_ex[i] for i in idx], tok.pad_token_id))
-            n_sup = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_sup = sum(count(b) for b in micro)
             n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
             loss_total = 0.0
             for b in micro:
                 b = {k: v.to(device) for k, v in b.items()}
-                loss_sum, _ = causal_lm_loss_sum(model, b, cfg.train.loss_chunk)
+                loss_sum, _ = loss_fn(model, b, cfg.train.loss_chunk)
                 (loss_sum / n_sup).backward()
                 loss_total += float(loss_sum.detach())
             loss = loss_total / n_sup
@@ -243,8 +261,11 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                 if val_ex:
                     rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
-                                                            cfg.train.loss_chunk), 6)
-                if cfg.eval.during_training and cfg.eval.generate and eval_ex:
+                                                            cfg.train.loss_chunk, loss_fn), 6)
+                if cfg.eval.during_training and cfg.task == "classification" and eval_ex:
+                    rec["accuracy"] = classification_metrics(model, eval_ex, labels, tok.pad_token_id,
+                                                             cfg.eval.batch_size)["accuracy"]
+                elif cfg.eval.during_training and cfg.eval.generate and eval_ex:
                     rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
                                                             cfg.eval.batch_size)["exact_match"]
             metrics.write(json.dumps(rec) + "\n")
@@ -252,7 +273,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
             if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
-                extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match") if k in rec)
+                extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match", "accuracy") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
             if step == steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
@@ -264,10 +285,10 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
 
     # ---- save and evaluate
     if cfg.output.save_model:
-        out_name = "adapter" if cfg.train.mode == "lora" else "model"
+        out_name = output_name(cfg)
         atomic.write_dir(run / out_name, lambda d: save_trained(model, cfg.train.mode, d, tok))
     say(f"evaluating the fine-tuned model on {len(eval_ex)} {split_name} examples ...", quiet)
-    after = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet)
+    after = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
     result = _without_samples(after)
     result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
                    "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
@@ -277,12 +298,45 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     if "samples" in after:
         atomic.write_text(run / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in after["samples"]))
         print(before_after_table(before if before and "samples" in before else None, after, cfg.eval.show))
+    elif "accuracy" in after:
+        print(classification_report(before, after))
     elif "val_loss" in after:
         print(f"validation loss: {after['val_loss']:.4f}" +
               (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
     atomic.write_json(run / "eval.json", result)
     say(f"run directory: {run}", quiet)
     return run
+
+
+def output_name(cfg: Config) -> str:
+    """Where the trained weights go: adapter/ (LoRA), classifier/ (a classification head alone), model/."""
+    if cfg.train.mode == "lora":
+        return "adapter"
+    if cfg.task == "classification" and cfg.train.mode == "head":
+        return "classifier"
+    return "model"
+
+
+def make_classifier(lm, cfg: Config, labels: list[str] | None):
+    """LM + K-way head; what trains: the head alone (head), LoRA + head (lora), everything (full), patterns."""
+    if cfg.train.mode == "head":
+        for p in lm.parameters():
+            p.requires_grad_(False)
+    else:
+        lm = apply_mode(lm, cfg.train, cfg.lora)
+    return SequenceClassifier(lm, labels or [], cfg.classify.pooling, cfg.classify.bias)
+
+
+def classification_report(before: dict | None, after: dict) -> str:
+    lines = []
+    for title, res in (("before", before), ("after", after)):
+        if res is None or "accuracy" not in res:
+            continue
+        lines.append(f"{title} fine-tuning: accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f} "
+                     f"over {res['n']} held-out examples")
+    lines.append("confusion matrix after fine-tuning:")
+    lines.append(format_confusion(after))
+    return "\n".join(lines)
 
 
 def _without_samples(res: dict) -> dict:

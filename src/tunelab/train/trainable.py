@@ -145,6 +145,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_trained(model: nn.Module, mode: str, out_dir, tokenizer) -> None:
     """LoRA: the PEFT adapter (adapter_config.json + adapter_model.safetensors). Otherwise: a full HF
-    model directory. The tokenizer goes beside either."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model directory. A classifier adds its head (safetensors + label names) and, trained head-only, is
+    nothing but its head. The tokenizer goes beside any of them."""
+    if hasattr(model, "save_head"):
+        model.save_head(out_dir)
+        if mode != "head":
+            model.lm.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

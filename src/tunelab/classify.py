@@ -1,0 +1,151 @@
+"""A causal language model with a classification head: p(y|x) = softmax(W h + b).
+
+h is the final hidden state of the last non-padding token (found from the attention mask, never by
+looking for a token id, so it is right under left padding, right padding and pad == eos), or of the
+first token, or the mean over non-padding tokens (for encoder models). W is K x d.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import TunelabError
+from .train.forward import split_head
+
+HEAD_FILE = "classifier_head.safetensors"
+LABELS_FILE = "classifier.json"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) index of each row's last 1: right or left padding alike."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "last") -> torch.Tensor:
+    """(B, T, D) hidden states -> (B, D)."""
+    B = hidden.shape[0]
+    rows = torch.arange(B, device=hidden.device)
+    if how == "last":
+        return hidden[rows, last_token_index(attention_mask)]
+    if how == "first":
+        first = attention_mask.long().argmax(dim=1)  # the first 1 of each row (left padding too)
+        return hidden[rows, first]
+    if how == "mean":
+        m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"unknown pooling {how!r}")
+
+
+def classification_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
+                          weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Sum over examples of -log p(y|x), and the number of examples. logits (B, K), labels (B,)."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
+    if weight is not None:
+        ce = ce * weight.to(ce.dtype)
+    return ce.sum(), labels.numel()
+
+
+def classifier_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """The classification objective for the training loop (chunk is unused: K is small)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return classification_ce_sum(logits, batch["class_labels"], batch.get("weight"))
+
+
+class SequenceClassifier(nn.Module):
+    """``lm`` (a causal LM, plain or PEFT-wrapped) without its output head, plus a K-way head."""
+
+    def __init__(self, lm: nn.Module, labels: list[str], pooling: str = "last", bias: bool = False):
+        super().__init__()
+        parts = split_head(lm)
+        if parts is None:
+            raise TunelabError("this model's body cannot be separated from its head for classification",
+                               "model.name")
+        self.lm = lm
+        self.labels = list(labels)
+        self.pooling = pooling
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else parts[1].in_features
+        ref = next(lm.parameters())
+        self.head = nn.Linear(hidden, len(labels), bias=bias, device=ref.device, dtype=torch.float32)
+        nn.init.normal_(self.head.weight, std=hidden ** -0.5 / 4)
+        if bias:
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def body(self) -> nn.Module:
+        return split_head(self.lm)[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling).float())  # (B, K)
+
+    def save_head(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        tensors = {"weight": self.head.weight.detach().cpu().contiguous()}
+        if self.head.bias is not None:
+            tensors["bias"] = self.head.bias.detach().cpu().contiguous()
+        save_file(tensors, str(out_dir / HEAD_FILE))
+        meta = {"labels": self.labels, "pooling": self.pooling, "bias": self.head.bias is not None,
+                "num_labels": len(self.labels), "hidden_size": self.head.in_features}
+        (out_dir / LABELS_FILE).write_text(json.dumps(meta, indent=1))
+
+    def load_head(self, src_dir: Path) -> None:
+        src_dir = Path(src_dir)
+        meta = json.loads((src_dir / LABELS_FILE).read_text())
+        if meta["num_labels"] != len(self.labels) or meta["labels"] != self.labels:
+            raise TunelabError(f"the saved head has {meta['num_labels']} classes {meta['labels'][:5]}, the "
+                               f"recipe's data {len(self.labels)} {self.labels[:5]}", str(src_dir / LABELS_FILE))
+        tensors = load_file(str(src_dir / HEAD_FILE))
+        with torch.no_grad():
+            self.head.weight.copy_(tensors["weight"])
+            if self.head.bias is not None:
+                self.head.bias.copy_(tensors["bias"])
+
+
+def read_head_meta(src_dir: Path) -> dict:
+    path = Path(src_dir) / LABELS_FILE
+    if not path.exists():
+        raise TunelabError("no classifier head here", str(path))
+    return json.loads(path.read_text())
+
+
+def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, tokenizer) -> None:
+    """Write a transformers *ForSequenceClassification directory with the same logits.
+
+    transformers pools the rightmost token that is not the pad token and its score layer has no bias,
+    so export needs last-token pooling and no bias; LoRA is merged first.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if clf.pooling != "last":
+        raise TunelabError("export needs classify.pooling=last (what transformers' classes do)", "classify.pooling")
+    if clf.head.bias is not None:
+        raise TunelabError("transformers' sequence-classification heads have no bias; train with "
+                           "classify.bias=false to export", "classify.bias")
+    lm = clf.lm.merge_and_unload() if hasattr(clf.lm, "merge_and_unload") else clf.lm
+    config = lm.config.__class__.from_dict(lm.config.to_dict())
+    config.num_labels = len(clf.labels)
+    config.id2label = dict(enumerate(clf.labels))
+    config.label2id = {name: i for i, name in enumerate(clf.labels)}
+    config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_config(config)
+    except ValueError as e:
+        raise TunelabError(f"transformers has no sequence-classification class for {config.model_type}: {e}",
+                           "model.name") from None
+    body_state = split_head(lm)[0].state_dict()
+    prefix = model.base_model_prefix
+    missing, unexpected = getattr(model, prefix).load_state_dict(body_state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise TunelabError(f"cannot map the body's weights onto {type(model).__name__}", "model.name")
+    with torch.no_grad():
+        model.score.weight.copy_(clf.head.weight.to(model.score.weight.dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
