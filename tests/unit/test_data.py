@@ -96,7 +96,8 @@ def test_check_template_syntax_errors(template, match):
 def test_to_pairs_renders_and_checks_templates_before_reading():
     records = [Record({"name": "Ann"}, "f:1"), Record({"name": "Bob"}, "f:2")]
     cfg = DataConfig(prompt="Reverse {name}:", completion=" {name|reverse}")
-    assert to_pairs(records, cfg) == [Pair("Reverse Ann:", " nnA", "f:1"), Pair("Reverse Bob:", " boB", "f:2")]
+    assert to_pairs(records, cfg) == [Pair("Reverse Ann:", " nnA", "f:1", {"name": "Ann"}),
+                                      Pair("Reverse Bob:", " boB", "f:2", {"name": "Bob"})]
     with pytest.raises(TunelabError, match="unknown filter") as e:
         to_pairs([], DataConfig(completion="{x|nope}"))
     assert e.value.where == "data.completion"
