@@ -76,20 +76,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def run_config(run: Path):
+    """The saved configuration of a run directory."""
     from .config import load_config
+
+    if not (run / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", str(run))
+    return load_config(run)
+
+
+def free_out_dir(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
+    return out
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
     from .models import load_trained
 
     run = Path(args.run_dir)
-    if not (run / "config.yaml").exists():
-        raise TunelabError("not a run directory (no config.yaml)", str(run))
+    cfg = run_config(run)
     if not (run / "adapter").is_dir():
         raise TunelabError("no adapter/ to merge (only LoRA runs have one; full runs already have model/)",
                            str(run))
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
-    cfg = load_config(run)
+    out = free_out_dir(args.out_dir, args.force)
     model, tok = load_trained(run, cfg.model)
     merged = model.merge_and_unload()  # W = W0 + (alpha/r)·B·A folded into each target layer
 
@@ -103,7 +114,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .config import SourceConfig, load_config
+    from .config import SourceConfig
     from .data.formats import Example
     from .data.readers import read_source
     from .data.templates import fields_of, render
@@ -111,9 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .models import load_trained_classifier
 
     run = Path(args.run_dir)
-    if not (run / "config.yaml").exists():
-        raise TunelabError("not a run directory (no config.yaml)", str(run))
-    cfg = load_config(run)
+    cfg = run_config(run)
     if cfg.task != "classification":
         raise TunelabError("predict is for classification runs (use tunelab eval or generate)", str(run))
     if not args.texts and not args.input:
@@ -150,19 +159,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .classify import export_sequence_classification
-    from .config import load_config
     from .models import load_trained_classifier
 
     run = Path(args.run_dir)
-    if not (run / "config.yaml").exists():
-        raise TunelabError("not a run directory (no config.yaml)", str(run))
-    cfg = load_config(run)
+    cfg = run_config(run)
     if cfg.task != "classification":
         raise TunelabError("export writes a sequence-classification model; for a LoRA generation run use "
                            "tunelab merge", str(run))
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
+    out = free_out_dir(args.out_dir, args.force)
     model, tok = load_trained_classifier(run, cfg.model)
     atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok))
     print(f"sequence-classification model written to {out}", file=sys.stderr)
