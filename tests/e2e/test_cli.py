@@ -140,3 +140,35 @@ def test_overrides_work_on_every_recipe(recipe: Path, tmp_path):
     cfg = (out / "config.yaml").read_text()
     assert "max_steps: 2" in cfg and "seed: 3" in cfg
     assert len(_metrics(out)) == 2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, tiny_model, names_file, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file,
+                          train={"max_steps": 400, "batch_size": 4, "checkpoint_every": 0},
+                          eval={"before": False, "generate": False})
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(recipe)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("tunelab: "), err
+    done = _metrics(run)[-1]["step"]
+    assert 3 <= done < 400
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{done}"]
+    resumed = tunelab("train", str(recipe), "--resume")
+    assert f"step-{done}" in resumed.stderr
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 401))

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +58,38 @@ def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list
     if cfg.eval.max_examples is not None:
         examples = examples[: cfg.eval.max_examples]
     return name, examples
+
+
+class Interrupted(TunelabError):
+    """Training stopped by SIGINT or SIGTERM after finishing a step and checkpointing it."""
+
+    exit_code = 130
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (a second SIGINT
+    stops at once). Clusters that pre-empt jobs send SIGTERM."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\ntunelab: {self.signal}: finishing this step and writing a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -225,7 +259,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                dynamic_ncols=True)
     t_loop = time.time()
     loss_fn, count = objective(cfg)
-    with open(metrics_path, "a") as metrics:
+    with StopRequest() as stop, open(metrics_path, "a") as metrics:
         while step < steps:
             t0 = time.time()
             lr = cfg.train.lr * lr_factor(step, steps, cfg.train.warmup_steps, cfg.train.schedule,
@@ -276,10 +310,15 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                 extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match", "accuracy") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
-            if step == steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            if (step == steps or stop.signal is not None
+                    or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                 ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
                                      {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
                                       "tokens_seen": tokens_seen}, cfg.train.keep_checkpoints)
+            if stop.signal is not None and step < steps:
+                bar.close()
+                raise Interrupted(f"stopped by {stop.signal} after step {step} of {steps}; a checkpoint was "
+                                  "written: continue with --resume", str(run))
     bar.close()
     train_time = time.time() - t_loop
 
