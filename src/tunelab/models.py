@@ -141,12 +141,12 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None):
-    """Returns (model, tokenizer) on the configured device and dtype."""
+def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
+    """Returns (model, tokenizer) on the configured device and dtype (the tokenizer is loaded unless given)."""
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.name)
-    tok = load_tokenizer(cfg, path)
+    tok = tok if tok is not None else load_tokenizer(cfg, path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:

@@ -193,7 +193,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     train_ex = splits["train"]
     split_name, eval_ex = eval_split(cfg, splits)
     val_ex = splits["validation"]
-    model, tok = load_model(cfg.model, model_path)
+    model, tok = load_model(cfg.model, model_path, tok)
     device = next(model.parameters()).device
     if cfg.train.dropout is not None:
         set_dropout(model, cfg.train.dropout)
