@@ -43,3 +43,16 @@ def test_a_few_steps_of_the_shipped_recipe(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) >= {"q_proj", "v_proj"}
+
+
+def test_vowel_count_classifier_a_few_steps(tmp_path):
+    run = tmp_path / "run"
+    proc = tunelab("train", str(ROOT / "recipes" / "vowel_count.yaml"), f"output.dir={run}",
+                   "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=0",
+                   "eval.max_examples=16", "data.validation_size=16")
+    result = json.loads((run / "eval.json").read_text())
+    assert result["labels"] == [str(i) for i in range(11)] and result["n"] == 16
+    assert 0 <= result["accuracy"] <= 1 and "confusion matrix" in proc.stdout
+    assert (run / "adapter" / "classifier_head.safetensors").exists()
+    pred = json.loads(tunelab("predict", str(run), "emma").stdout.strip().splitlines()[0])
+    assert pred["text"] == "Name: emma. Number of vowels:" and len(pred["probs"]) == 11
