@@ -225,6 +225,31 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipes_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    folder = recipes_dir()
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        raise TunelabError("no recipes found (set TUNELAB_RECIPES to the recipes folder)", str(folder))
+    rows = []
+    for f in files:
+        try:
+            meta = yaml.safe_load(f.read_text())
+        except yaml.YAMLError:
+            meta = None
+        desc = meta.get("description", "") if isinstance(meta, dict) else ""
+        rows.append((str(f.relative_to(Path.cwd())) if f.is_relative_to(Path.cwd()) else str(f), desc))
+    width = max(len(name) for name, _ in rows)
+    for name, desc in rows:
+        print(f"{name.ljust(width)}  {desc}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pre-trained language models.",
                                 epilog=EPILOG)
@@ -262,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir")
     x.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=cmd_recipes)
 
     d = sub.add_parser("data", help="inspect data")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

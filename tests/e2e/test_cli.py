@@ -172,3 +172,10 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, tiny_model, 
     resumed = tunelab("train", str(recipe), "--resume")
     assert f"step-{done}" in resumed.stderr
     assert [r["step"] for r in _metrics(run)] == list(range(1, 401))
+
+
+def test_recipes_lists_the_shipped_recipes():
+    out = tunelab("recipes").stdout
+    for name in ("reverse_names.yaml", "reverse_names_long.yaml", "vowel_count.yaml"):
+        line = next(x for x in out.splitlines() if name in x)
+        assert len(line.split(name, 1)[1].strip()) > 10  # with its description
