@@ -39,8 +39,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "last") 
         first = attention_mask.long().argmax(dim=1)  # the first 1 of each row (left padding too)
         return hidden[rows, first]
     if how == "mean":
-        m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        m = attention_mask.float()[..., None]  # (B, T, 1); sums in float32 whatever the model's dtype
+        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
     raise ValueError(f"unknown pooling {how!r}")
 
 

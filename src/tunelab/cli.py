@@ -97,6 +97,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     run = Path(args.run_dir)
     cfg = run_config(run)
+    if cfg.task == "classification":
+        raise TunelabError("merging would drop the classification head: use tunelab export", str(run))
     if not (run / "adapter").is_dir():
         raise TunelabError("no adapter/ to merge (only LoRA runs have one; full runs already have model/)",
                            str(run))

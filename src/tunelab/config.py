@@ -234,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
             try:
                 return _coerce(value, arg, key, loc)
             except TunelabError as e:
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise  # a section's own error (unknown key, wrong type inside) says more
                 errors.append(e)
         raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
     if dataclasses.is_dataclass(tp):
@@ -383,6 +385,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             p = p / "config.yaml"
         if not p.exists():
             raise TunelabError("recipe not found", str(path))
+        if p.is_dir():
+            raise TunelabError("a directory, not a recipe file (nor a run directory with config.yaml)", str(path))
         text = p.read_text()
         try:
             loaded = yaml.safe_load(text)
@@ -469,6 +473,8 @@ def _check(cfg: Config, loc: _Located) -> None:
         if cfg.classify.labels is not None:
             need(len(cfg.classify.labels) >= 2, "classify.labels", "needs at least two classes")
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
+    need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
+         "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
     e = cfg.eval
     if e.display:
         check_template(e.display, loc.of("eval.display"))

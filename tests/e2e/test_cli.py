@@ -179,3 +179,32 @@ def test_recipes_lists_the_shipped_recipes():
     for name in ("reverse_names.yaml", "reverse_names_long.yaml", "vowel_count.yaml"):
         line = next(x for x in out.splitlines() if name in x)
         assert len(line.split(name, 1)[1].strip()) > 10  # with its description
+
+
+def test_resume_never_deletes_a_directory_that_is_not_a_run(tmp_path, tiny_model, names_file):
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    proc = tunelab("train", str(recipe), f"output.dir={keep}", "--resume", check=False)
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    assert (keep / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_other_data_and_resumes_a_path_into_a_new_directory(tmp_path, tiny_model, names_file):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file,
+                          train={"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 5},
+                          eval={"before": False, "generate": False})
+    tunelab("train", str(recipe))
+    run = tmp_path / "run"
+    other = tunelab("train", str(recipe), "train.seed=7", "--resume", check=False)
+    assert other.returncode == 2 and "trained on other data" in other.stderr
+    # resume an earlier checkpoint into a fresh directory
+    fresh = tmp_path / "branch"
+    tunelab("train", str(recipe), f"train.resume={run / 'checkpoints' / 'step-2'}", f"output.dir={fresh}")
+    assert (fresh / "config.yaml").exists() and (fresh / "data_stats.json").exists()
+    assert [r["step"] for r in _metrics(fresh)] == [3, 4, 5, 6]
+    assert _metrics(fresh)[-1]["loss"] == pytest.approx(_metrics(run)[-1]["loss"], abs=1e-6)
+    # resuming an older checkpoint of the same run drops the later, abandoned ones
+    tunelab("train", str(recipe), f"train.resume={run / 'checkpoints' / 'step-4'}", "train.keep_checkpoints=1")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]

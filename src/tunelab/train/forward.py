@@ -24,8 +24,10 @@ def split_head(model) -> tuple[nn.Module, nn.Module] | None:
     head(hidden) (soft-capping, logit scaling), in which case callers use the full forward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
-        return None
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                 "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1.0, 1):
+            return None
     head = base.get_output_embeddings()
     body = getattr(base, getattr(base, "base_model_prefix", ""), None)
     if head is None or body is None or body is base:

@@ -8,6 +8,7 @@ clips, steps AdamW and the schedule, logs to ``metrics.jsonl``, and checkpoints 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -128,22 +129,44 @@ def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
         if not ckpt.verify(path):
             raise TunelabError("not a complete checkpoint (manifest missing or checksums differ)", str(path))
         return run, path
+    if run.exists() and not run.is_dir():
+        raise TunelabError("output.dir is a file, not a directory", str(run))
     if mode == "auto":
         found = ckpt.latest_valid(run / "checkpoints")
         if found is not None:
             return run, found
-    if run.exists() and any(run.iterdir()) and mode != "auto":
-        if not cfg.output.overwrite:
-            raise TunelabError("run directory exists and is not empty: resume it with --resume, or "
-                               "replace it with output.overwrite=true, or choose output.dir=...", str(run))
+    if run.exists() and any(run.iterdir()) and not cfg.output.overwrite:
+        # auto with nothing to resume starts afresh only over a tunelab run that never checkpointed
+        never_checkpointed = (run / "config.yaml").exists() and not ckpt.list_checkpoints(run / "checkpoints")
+        if mode != "auto" or not never_checkpointed:
+            raise TunelabError("run directory exists and is not empty" + (" and has no complete checkpoint"
+                               if mode == "auto" else "") + ": resume it with --resume, or replace it with "
+                               "output.overwrite=true, or choose output.dir=...", str(run))
     return run, None
 
 
+def data_fingerprint(cfg: Config, n_train: int) -> str:
+    """What decides the training examples and their order: a resumed run must agree on it."""
+    import hashlib
+
+    key = {"data": dataclasses.asdict(cfg.data), "task": cfg.task, "classify": dataclasses.asdict(cfg.classify),
+           "seed": cfg.train.seed, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+           "n_train": n_train, "model": cfg.model.name}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (a crash may have left later ones, or a torn last line)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def objective(cfg: Config):
@@ -226,16 +249,16 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     # ---- run directory (fresh or resumed)
     step, pos, tokens_seen = 0, Position(), 0
     metrics_path = run / "metrics.jsonl"
+    fingerprint = data_fingerprint(cfg, len(train_ex))
     if resume_from is None:
         if run.exists():
             shutil.rmtree(run)
-        run.mkdir(parents=True)
-        save_config(cfg, run / "config.yaml")
-        atomic.write_json(run / "data_stats.json", data_stats)
-        if before is not None:
-            atomic.write_json(before_path, before)
     else:
         saved, opt_state, rng, state = ckpt.load_checkpoint(resume_from)
+        if state.get("data_fingerprint", fingerprint) != fingerprint:
+            raise TunelabError("the checkpoint was trained on other data, split or batching (data, seed, "
+                               "batch_size, grad_accum or model changed): resume with the run's own config.yaml "
+                               "or start a new run", str(resume_from))
         named = dict(model.named_parameters())
         missing = [k for k in saved if k not in named]
         if missing or len(saved) != len(params):
@@ -249,8 +272,16 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
         step, tokens_seen = state["step"], state["tokens_seen"]
         pos = Position(state["epoch"], state["batch"])
         _truncate_metrics(metrics_path, step)
-        save_config(cfg, run / "config.yaml")
+        for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future, not to resume later
+            if s > step:
+                shutil.rmtree(later, ignore_errors=True)
         say(f"resuming from {resume_from} (step {step} of {steps})", quiet)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    if resume_from is None or not (run / "data_stats.json").exists():
+        atomic.write_json(run / "data_stats.json", data_stats)
+    if before is not None and not before_path.exists():
+        atomic.write_json(before_path, before)
 
     # ---- loop
     model.train()
@@ -310,12 +341,13 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                 extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match", "accuracy") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
-            if (step == steps or stop.signal is not None
-                    or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+            stopping = stop.signal is not None  # read once: a signal may arrive at any moment
+            if step == steps or stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
                                      {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
-                                      "tokens_seen": tokens_seen}, cfg.train.keep_checkpoints)
-            if stop.signal is not None and step < steps:
+                                      "tokens_seen": tokens_seen, "data_fingerprint": fingerprint},
+                                     cfg.train.keep_checkpoints)
+            if stopping and step < steps:
                 bar.close()
                 raise Interrupted(f"stopped by {stop.signal} after step {step} of {steps}; a checkpoint was "
                                   "written: continue with --resume", str(run))
