@@ -200,27 +200,23 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     tok = load_tokenizer(cfg.model)
     splits, stats, labels = build_dataset(cfg, tok)
     examples = splits[args.split]
+    color = sys.stdout.isatty()
     if labels is not None:
         print(f"{args.split}: {len(examples)} examples, {len(labels)} classes: {', '.join(labels)}")
-        for e in examples[: args.n]:
+    else:
+        print(f"{args.split}: {len(examples)} examples; supervised tokens are "
+              + ("highlighted" if color else "inside ⟦ ⟧"))
+    for e in examples[: args.n]:
+        if labels is not None:
             print(f"--- {e.where} ({len(e.input_ids)} tokens) label {e.completion!r} (class {e.label})")
             print(tok.decode(e.input_ids))
-            if args.ids:
-                print("input_ids:", e.input_ids)
-        print("--- statistics")
-        for split, st in stats.items():
-            if split != "labels":
-                print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
-        return 0
-    color = sys.stdout.isatty()
-    print(f"{args.split}: {len(examples)} examples; supervised tokens are "
-          + ("highlighted" if color else "inside ⟦ ⟧"))
-    for e in examples[: args.n]:
-        print(f"--- {e.where} ({len(e.input_ids)} tokens, {e.n_supervised} supervised)")
-        print(_marked(tok, e.input_ids, e.labels, color))
+        else:
+            print(f"--- {e.where} ({len(e.input_ids)} tokens, {e.n_supervised} supervised)")
+            print(_marked(tok, e.input_ids, e.labels, color))
         if args.ids:
             print("input_ids:", e.input_ids)
-            print("labels:   ", e.labels)
+            if labels is None:
+                print("labels:   ", e.labels)
     print("--- statistics")
     for split, st in stats.items():
         print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in st.items()))

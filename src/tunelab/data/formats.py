@@ -193,17 +193,6 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     return splits
 
 
-def build_splits(cfg: DataConfig, tok, seed: int) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """Read, split, format and tokenize: train/validation/test Examples and their statistics."""
-    records = split_records(cfg, seed)
-    splits: dict[str, list[Example]] = {}
-    stats: dict[str, dict] = {}
-    for name in ("train", "validation", "test"):
-        examples, st = encode(to_pairs(records[name], cfg), tok, cfg, name)
-        splits[name], stats[name] = examples, st.summary()
-    return splits, stats
-
-
 def label_names(records: list[Record], ccfg: ClassifyConfig) -> list[str]:
     """The label set: declared in the recipe, or the training data's labels (numbers in numeric order)."""
     if ccfg.labels is not None:
@@ -248,21 +237,23 @@ def encode_classification(records: list[Record], tok, cfg: DataConfig, ccfg: Cla
     return out, stats
 
 
-def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, Any], list[str] | None]:
-    """Examples of every split, their statistics, and (classification) the label names."""
-    if cfg.task != "classification":
-        splits, stats = build_splits(cfg.data, tok, cfg.train.seed)
-        return splits, stats, None
+def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, dict], list[str] | None]:
+    """Read, split, format and tokenize: Examples of every split, their statistics, and (classification)
+    the label names."""
     records = split_records(cfg.data, cfg.train.seed)
-    labels = label_names(records["train"], cfg.classify)
-    splits, stats = {}, {}
+    labels = label_names(records["train"], cfg.classify) if cfg.task == "classification" else None
+    splits: dict[str, list[Example]] = {}
+    stats: dict[str, dict] = {}
     for name in ("train", "validation", "test"):
-        examples, st = encode_classification(records[name], tok, cfg.data, cfg.classify, labels, name)
+        if labels is None:
+            examples, st = encode(to_pairs(records[name], cfg.data), tok, cfg.data, name)
+        else:
+            examples, st = encode_classification(records[name], tok, cfg.data, cfg.classify, labels, name)
         splits[name], stats[name] = examples, st.summary()
-    seen = {e.label for e in splits["train"]}
-    if len(seen) < 2:
-        where = cfg.data.train.path or cfg.data.train.dataset if cfg.data.train else "data.train"
-        raise TunelabError(f"the training set has a single class ({labels[next(iter(seen))]!r}): "
-                           "nothing to learn", where)
-    stats["labels"] = labels
+    if labels is not None:
+        seen = {e.label for e in splits["train"]}
+        if len(seen) < 2:
+            where = cfg.data.train.path or cfg.data.train.dataset if cfg.data.train else "data.train"
+            raise TunelabError(f"the training set has a single class ({labels[next(iter(seen))]!r}): "
+                               "nothing to learn", where)
     return splits, stats, labels
