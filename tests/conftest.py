@@ -16,8 +16,14 @@ NAMES = ROOT / "data" / "names.txt"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_tiny_model(path: Path, tie: bool = True, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide Llama with a small BPE tokenizer trained on names and prompt words."""
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>"]
+
+
+def build_tiny_model(path: Path, tie: bool = True, seed: int = 0, chat: bool = False) -> Path:
+    """A 2-layer, 64-wide Llama with a small BPE tokenizer trained on names and prompt words.
+
+    ``chat``: the tokenizer also knows the chatml and llama3 special tokens and has a BOS token."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -25,13 +31,17 @@ def build_tiny_model(path: Path, tie: bool = True, seed: int = 0) -> Path:
     names = NAMES.read_text().split()[:2000]
     corpus = [f"Reverse the name: {n}. Answer: {n[::-1]}" for n in names]
     corpus += ["What is the answer? yes no maybe Question: Translate this sentence"] * 10
+    if chat:
+        corpus += ["system user assistant What is the first letter of the name? Be brief. hello bye"] * 10
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"],
+    specials = ["<pad>", "<eos>", "<unk>"] + (["<s>"] + CHAT_TOKENS if chat else [])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                  **({"bos_token": "<s>", "additional_special_tokens": CHAT_TOKENS} if chat else {}))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -46,6 +56,11 @@ def build_tiny_model(path: Path, tie: bool = True, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tinychat") / "model", chat=True)
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +98,12 @@ def recipe(tmp_path, tiny_model, names_file) -> Path:
     return write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file)
 
 
-def tunelab(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the CLI as a subprocess, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def tunelab(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a subprocess, as a user would (``env`` adds environment variables)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=600, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"tunelab {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc

@@ -223,6 +223,63 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn conversation in the terminal, rendered with the same chat template as training."""
+    from .config import ModelConfig, load_config
+    from .data import chat
+    from .generate import generate
+    from .models import load_model, load_trained
+
+    target = Path(args.target)
+    system = args.system
+    if target.is_dir() and (target / "config.yaml").exists():
+        cfg = load_config(target)
+        if cfg.task == "classification":
+            raise TunelabError("a classification run does not generate: use tunelab predict", str(target))
+        model, tok = load_trained(target, cfg.model)
+        template = args.template or cfg.chat.template
+        if system is None and cfg.task == "chat" and cfg.chat.system_mode != "none":
+            system = cfg.chat.system
+    else:
+        if target.suffix in (".yaml", ".yml"):
+            raise TunelabError("give a run directory or a model (name, alias or directory), not a recipe", str(target))
+        model, tok = load_model(ModelConfig(name=args.target, device=args.device))
+        template = args.template or "auto"
+    tmpl = chat.resolve_template(template, tok)
+    stop = chat._single_token(tok, tmpl.stop) if tmpl.stop else None
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.target} (template {tmpl.name}); /reset starts over, /exit quits",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        history.append({"role": "user", "content": line})
+        text = chat.render(tmpl, history, True, tok, "chat")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        (reply,), = generate(model, tok, [ids], max_new_tokens=args.max_new_tokens, batch_size=1,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             stop_ids=[stop] if stop is not None else None)
+        reply = reply.strip()
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+    return 0
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("TUNELAB_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
@@ -285,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir")
     x.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("chat", help="talk to a run's model (or any model) through its chat template")
+    c.add_argument("target", help="run directory, or a model: alias, local directory or hub id")
+    c.add_argument("--template", help="chat template: auto, model, chatml, llama3 or a .jinja file "
+                                      "(default: the run's, else auto)")
+    c.add_argument("--system", help="system prompt (default: the run's chat.system)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.set_defaults(func=cmd_chat)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)

@@ -33,6 +33,7 @@ class ModelConfig:
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     trust_remote_code: bool = False
     revision: str | None = None
+    allow_pickle: bool = False  # load pickle weights (.bin/.pt), which can run code: only for files you trust
 
 
 @dataclass
@@ -91,6 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | bool = "never"  # never | auto | path to a checkpoint directory (true: auto, false: never)
     loss_chunk: int = 2048  # supervised positions per lm_head chunk
+    nonfinite: str = field(default="stop", metadata=_choices("stop", "skip"))  # a NaN/inf loss or grad norm
 
 
 @dataclass
@@ -111,6 +113,19 @@ class ClassifyConfig:
     labels: list[str] | None = None  # the label set in order; default: read from the training data
     pooling: str = field(default="last", metadata=_choices("last", "first", "mean"))  # last non-padding token
     bias: bool = False  # b; transformers' *ForSequenceClassification heads have none (export needs false)
+
+
+@dataclass
+class ChatConfig:
+    """task: chat - conversations rendered with a chat template, loss on assistant turns."""
+
+    format: str = field(default="auto", metadata=_choices("auto", "messages", "sharegpt", "lmsys", "openorca"))
+    column: str | None = None  # the record field holding the conversation (default: by format)
+    template: str = "auto"  # auto (the tokenizer's, else chatml) | model | chatml | llama3 | path to .jinja
+    stop: str | None = None  # the end-of-turn token (default: the shipped template's, else EOS)
+    system: str | None = None  # the default system prompt
+    system_mode: str = field(default="record", metadata=_choices("record", "default", "none"))
+    train_on: str = field(default="all_assistant", metadata=_choices("all_assistant", "last_assistant", "all"))
 
 
 @dataclass
@@ -137,12 +152,13 @@ class OutputConfig:
 class Config:
     name: str = "run"
     description: str = ""
-    task: str = field(default="generation", metadata=_choices("generation", "classification"))
+    task: str = field(default="generation", metadata=_choices("generation", "classification", "chat"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

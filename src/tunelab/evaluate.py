@@ -44,16 +44,21 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
-                       progress: bool = False, display: str | None = None) -> dict[str, Any]:
+                       progress: bool = False, display: str | None = None,
+                       stop_ids: list[int] | None = None) -> dict[str, Any]:
     """Greedy completions for each example's prompt, scored against its reference completion.
 
-    ``display`` is a template over the record's fields for the table's input column (default: the prompt).
+    The prompt is the example's own prompt tokens (for a conversation: the rendering up to the last
+    assistant turn, with the template's generation prompt), so evaluation sees what training saw.
+    ``display`` is a template over the record's fields for the table's input column (default: the
+    example's own display text, else the prompt).
     """
-    outputs = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, progress=progress)
+    prompts = [e.input_ids[:e.prompt_len] if e.prompt_len is not None else e.prompt for e in examples]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress, stop_ids=stop_ids)
     rows = []
     for e, (out,) in zip(examples, outputs):
-        shown = render(display, e.record, e.where, "eval.display") if display else e.prompt
+        shown = render(display, e.record, e.where, "eval.display") if display else (e.shown or e.prompt)
         rows.append({"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
                      "correct": exact_match(out, e.completion)})
     n = len(rows)

@@ -141,6 +141,21 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+_PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def check_weights_are_safe(path: str | Path, allow_pickle: bool, what: str = "model.name") -> None:
+    """A local directory must hold safetensors weights unless pickle is allowed: loading a pickle runs code."""
+    d = Path(path)
+    if not d.is_dir() or allow_pickle or any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pat in _PICKLE for p in d.glob(pat))
+    if pickles:
+        raise TunelabError(f"{d} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when "
+                           "loaded; convert them to safetensors, or set model.allow_pickle=true if you trust them",
+                           what)
+
+
 def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
     """Returns (model, tokenizer) on the configured device and dtype (the tokenizer is loaded unless given)."""
     from transformers import AutoModelForCausalLM
@@ -149,10 +164,11 @@ def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
     tok = tok if tok is not None else load_tokenizer(cfg, path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    check_weights_are_safe(path, cfg.allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-            use_safetensors=None,
+            use_safetensors=None if cfg.allow_pickle else True,  # from the hub too: safetensors only
         )
     except (OSError, ValueError) as e:
         raise _hub_error(cfg.name, e) from None
@@ -172,6 +188,7 @@ def load_trained(run_dir: Path, cfg: ModelConfig):
         from peft import PeftModel
 
         model, tok = load_model(cfg)
+        check_weights_are_safe(run_dir / "adapter", cfg.allow_pickle, str(run_dir / "adapter"))
         model = PeftModel.from_pretrained(model, run_dir / "adapter")
         return model, tok
     if (run_dir / "model").is_dir():
@@ -200,6 +217,7 @@ def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
         if name == "adapter":
             from peft import PeftModel
 
+            check_weights_are_safe(out, cfg.allow_pickle, str(out))
             lm = PeftModel.from_pretrained(lm, out)
     clf = SequenceClassifier(lm, meta["labels"], meta["pooling"], meta["bias"])
     clf.load_head(out)

@@ -1,84 +1,200 @@
-"""Bad input: a one-line error naming file/line/field, exit status 2, no traceback, no run directory."""
+"""The bad-input table: each case is a one-line error naming where the problem is, exit status 2, no
+traceback, and no run directory or output file left behind. README's troubleshooting section lists them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import tunelab, write_recipe
 
 
-def _case(tmp_path: Path, tiny_model: Path, names_file: Path, case: str) -> tuple[list[str], str]:
-    """Build the files for one case; returns (extra CLI args, expected substring of the error)."""
-    recipe = tmp_path / "recipe.yaml"
-    if case == "unknown key":
-        write_recipe(recipe, tiny_model, names_file)
-        return ["train.lrr=1e-4"], "unknown key train.lrr (did you mean train.lr?)"
-    if case == "unknown key in file":
-        write_recipe(recipe, tiny_model, names_file, train={"warmup": 3})
-        return [], "recipe.yaml:"
-    if case == "wrong type":
-        write_recipe(recipe, tiny_model, names_file)
-        return ["train.batch_size=many"], "train.batch_size: expected an integer"
-    if case == "missing data file":
-        write_recipe(recipe, tiny_model, tmp_path / "nope.txt")
-        return [], "nope.txt: data file not found"
-    if case == "malformed jsonl":
-        data = tmp_path / "train.jsonl"
-        data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
-        write_recipe(recipe, tiny_model, names_file, data={"train": str(data), "prompt": "{prompt}",
-                                                           "completion": "{completion}", "unique_by": None})
-        return [], "train.jsonl:2: malformed JSON"
-    if case == "template field absent":
-        data = tmp_path / "train.jsonl"
-        data.write_text('{"prompt": "a", "output": "b"}\n')
-        write_recipe(recipe, tiny_model, names_file, data={"train": str(data), "prompt": "{prompt}",
-                                                           "completion": "{completion}", "unique_by": None,
-                                                           "validation_size": 0})
-        return [], "train.jsonl:1: missing field 'completion'"
-    if case == "empty after filtering":
-        write_recipe(recipe, tiny_model, names_file, data={"max_length": 4})
-        return [], "all 360 examples dropped"
-    if case == "unknown model alias":
-        write_recipe(recipe, "smollm9-1t", names_file)
-        return [], "unknown model alias 'smollm9-1t'"
-    if case == "missing model directory":
-        write_recipe(recipe, tmp_path / "no-model", names_file)
-        return [], "does not exist"
-    if case == "lora target matches nothing":
-        write_recipe(recipe, tiny_model, names_file, lora={"targets": ["q_prj"]})
-        return [], "lora.targets: 'q_prj' matches no module"
-    if case == "max_length shorter than prompt":
-        write_recipe(recipe, tiny_model, names_file, data={"max_length": 4, "truncation": "truncate"})
-        return [], "shorter than the prompt"
-    if case == "bad choice":
-        write_recipe(recipe, tiny_model, names_file)
-        return ["train.mode=everything"], "train.mode: must be one of full, lora, head, freeze"
-    if case == "invalid yaml":
-        recipe.write_text("train:\n  lr: [1e-4\n")
-        return [], "invalid YAML"
-    if case == "freeze pattern matches nothing":
-        write_recipe(recipe, tiny_model, names_file, train={"mode": "freeze", "trainable": ["nothing.*"]})
-        return [], "train.trainable: pattern 'nothing.*' matches no parameter"
-    raise AssertionError(case)
+class Case:
+    """Files for one case: the command line, the expected message, and paths that must not appear."""
+
+    def __init__(self, tmp: Path, model: Path, chat_model: Path, names: Path) -> None:
+        self.tmp, self.model, self.chat_model, self.names = tmp, model, chat_model, names
+        self.recipe = tmp / "recipe.yaml"
+        self.run = tmp / "run"
+
+    def train(self, *overrides: str, **sections) -> list[str]:
+        write_recipe(self.recipe, sections.pop("model", self.model), sections.pop("names", self.names), **sections)
+        return ["train", str(self.recipe), *overrides]
+
+    def jsonl(self, rows: list, name: str = "data.jsonl") -> Path:
+        p = self.tmp / name
+        p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return p
+
+    def chat(self, rows: list, **chat) -> list[str]:
+        data = self.jsonl(rows, "chat.jsonl")
+        self.recipe.write_text(yaml.safe_dump({
+            "task": "chat", "model": str(chat.pop("model", self.chat_model)),
+            "data": {"train": str(data), "max_length": 200},
+            "chat": {"template": "chatml", **chat}, "train": {"max_steps": 2, "batch_size": 2},
+            "output": {"dir": str(self.run)}}))
+        return ["train", str(self.recipe)]
+
+    def classify(self, rows: list | None = None, **classify) -> list[str]:
+        src = {"path": str(self.jsonl(rows)) if rows else str(self.names), "text_field": "name"}
+        self.recipe.write_text(yaml.safe_dump({
+            "task": "classification", "model": str(self.model),
+            "data": {"train": src, "max_length": 32},
+            "classify": {"text": "Name: {name}.", "label": "{name|vowels}", **classify},
+            "train": {"max_steps": 2, "batch_size": 2}, "output": {"dir": str(self.run)}}))
+        return ["train", str(self.recipe)]
+
+    def fake_run(self, adapter: bool = False, **sections) -> Path:
+        """A directory holding only a run's config.yaml (enough for commands that refuse early)."""
+        write_recipe(self.recipe, self.model, self.names, **sections)
+        d = self.tmp / "fake_run"
+        d.mkdir()
+        (d / "config.yaml").write_text(self.recipe.read_text())
+        if adapter:
+            (d / "adapter").mkdir()
+        return d
 
 
-CASES = ["unknown key", "unknown key in file", "wrong type", "missing data file", "malformed jsonl",
-         "template field absent", "empty after filtering", "unknown model alias", "missing model directory",
-         "lora target matches nothing", "max_length shorter than prompt", "bad choice", "invalid yaml",
-         "freeze pattern matches nothing"]
+def _write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return path
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_gives_one_line_error(tmp_path, tiny_model, names_file, case):
-    args, expected = _case(tmp_path, tiny_model, names_file, case)
-    proc = tunelab("--quiet", "train", str(tmp_path / "recipe.yaml"), *args, check=False)
-    assert proc.returncode == 2, proc.stderr
+def _mkdir(path: Path, with_file: bool = False) -> Path:
+    path.mkdir()
+    if with_file:
+        (path / "f").write_text("x")
+    return path
+
+
+def cases(c: Case) -> dict[str, tuple[object, str]]:
+    """name -> (a function writing the case's files and returning the command line, the expected part of
+    the error line). Each case writes only its own files, when it runs."""
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    return {
+        # ---- configuration
+        "config: unknown key": (lambda: c.train("train.lrr=1e-4"), "unknown key train.lrr (did you mean train.lr?)"),
+        "config: unknown key in the recipe, with its line": (lambda: c.train(train={"warmup": 3}), "recipe.yaml:"),
+        "config: wrong type": (lambda: c.train("train.batch_size=many"), "train.batch_size: expected an integer"),
+        "config: value outside the choices": (lambda: c.train("train.mode=everything"),
+                                              "train.mode: must be one of full, lora, head, freeze"),
+        "config: invalid YAML": (lambda: ["train", str(_write(c.recipe, "train:\n  lr: [1e-4\n"))],
+                                 "recipe.yaml:"),
+        "config: negative learning rate": (lambda: c.train("train.lr=-1"), "train.lr: must be positive"),
+        "config: override without =": (lambda: c.train("train.lr"), "expected key=value, got 'train.lr'"),
+        "config: recipe not found": (lambda: ["train", str(c.tmp / "nope.yaml")], "nope.yaml: recipe not found"),
+        "config: duplicate class names": (lambda: c.classify(labels=["1", "1"]), "classify.labels: has duplicates"),
+        # ---- data files
+        "data: missing file": (lambda: c.train(names=c.tmp / "nope.txt"), "nope.txt: data file not found"),
+        "data: malformed JSONL line": (lambda: c.train(data={
+            "train": str(c.jsonl(['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": '])),
+            "prompt": "{prompt}", "completion": "{completion}", "unique_by": None}), "data.jsonl:2: malformed JSON"),
+        "data: template field absent": (lambda: c.train(data={
+            "train": str(c.jsonl([{"prompt": "a", "output": "b"}])), "prompt": "{prompt}",
+            "completion": "{completion}", "unique_by": None, "validation_size": 0}),
+            "data.jsonl:1: missing field 'completion'"),
+        "data: empty after filtering": (lambda: c.train(data={"max_length": 4}), "all 360 examples dropped"),
+        "data: max_length shorter than a prompt": (lambda: c.train(data={"max_length": 4, "truncation": "truncate"}),
+                                                   "shorter than the prompt"),
+        "data: not UTF-8": (lambda: c.train(names=_write(c.tmp / "latin.txt", b"jos\xe9\n")),
+                            "latin.txt: not UTF-8 text"),
+        "data: unknown extension": (lambda: c.train(names=_write(c.tmp / "names.dat", "emma\n")),
+                                    "names.dat: cannot tell the format from the extension '.dat'"),
+        "data: hold-out larger than the data": (lambda: c.train("data.validation_size=400"),
+                                                "data.validation_size: holding out 400 leaves no training"),
+        "data: empty completion": (lambda: c.train(data={
+            "train": str(c.jsonl([{"prompt": "a", "completion": " "}])), "prompt": "{prompt}",
+            "completion": "{completion}", "unique_by": None, "validation_size": 0}), "data.jsonl:1: empty completion"),
+        # ---- models and what trains
+        "model: unknown alias": (lambda: c.train(model="smollm9-1t"), "unknown model alias 'smollm9-1t'"),
+        "model: missing directory": (lambda: c.train(model=c.tmp / "no-model"), "does not exist"),
+        "model: LoRA target matches nothing": (lambda: c.train(lora={"targets": ["q_prj"]}),
+                                               "lora.targets: 'q_prj' matches no module"),
+        "model: freeze pattern matches nothing": (lambda: c.train(train={"mode": "freeze", "trainable": ["nothing.*"]}),
+                                                  "train.trainable: pattern 'nothing.*' matches no parameter"),
+        # ---- chat records
+        "chat: no assistant turn": (lambda: c.chat([{"messages": turn[:1]}]), "chat.jsonl:1: no assistant turn"),
+        "chat: roles out of order": (lambda: c.chat([{"messages": turn[::-1]}]),
+                                     "chat.jsonl:1: message 0: roles out of order"),
+        "chat: unknown role": (lambda: c.chat([{"messages": [{"role": "robot", "content": "hi"}]}]),
+                               "chat.jsonl:1: messages[0].role: unknown role 'robot'"),
+        "chat: not a conversation": (lambda: c.chat([{"text": "hi"}]), "chat.jsonl:1: not a conversation"),
+        "chat: unknown template": (lambda: c.chat([{"messages": turn}], template="nope"),
+                                   "chat.template: unknown chat template 'nope'"),
+        "chat: template without its special tokens": (lambda: c.chat([{"messages": turn}], model=c.model),
+                                                      "chat.template: template chatml needs the special tokens"),
+        "chat: unsafe template": (lambda: c.chat([{"messages": turn}], stop="<|im_end|>", template=str(
+            _write(c.tmp / "t.jinja", "{{ ''.__class__.__mro__ }}"))), "tried something unsafe"),
+        # ---- classification labels
+        "classification: label outside the label set": (lambda: c.classify(labels=["0", "1"]),
+                                                        "label '2' is not in the label set (0, 1)"),
+        "classification: a single class": (lambda: c.classify([{"name": "bob"}, {"name": "tom"}]),
+                                           "the training set has a single class ('1')"),
+        "classification: empty text": (lambda: c.classify([{"name": "bob"}, {"name": " "}], text="{name}"),
+                                       "data.jsonl:2: empty text"),
+        # ---- command-line arguments
+        "cli: eval of a directory that is not a run": (lambda: ["eval", str(_mkdir(c.tmp / "empty"))],
+                                                       "empty: not a run directory"),
+        "cli: merge of a run without an adapter": (
+            lambda: ["merge", str(c.fake_run(train={"mode": "full"})), str(c.tmp / "merged")], "no adapter/ to merge"),
+        "cli: predict on a generation run": (lambda: ["predict", str(c.fake_run()), "emma"],
+                                             "predict is for classification runs"),
+        "cli: export of a generation run": (lambda: ["export", str(c.fake_run()), str(c.tmp / "exported")],
+                                            "export writes a sequence-classification"),
+        "cli: chat with a recipe file": (lambda: ["chat", c.train()[1]], "not a recipe"),
+        "cli: data show of a missing recipe": (lambda: ["data", "show", str(c.tmp / "x.yaml")], "recipe not found"),
+        "cli: merge into a non-empty directory": (
+            lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
+            "output directory exists and is not empty"),
+    }
+
+
+NAMES = list(cases(Case(Path("."), Path("."), Path("."), Path("."))))
+
+
+def test_the_table_has_at_least_thirty_cases():
+    assert len(NAMES) >= 30
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, str]:
+    """tunelab's main() in this process (the table is long: a subprocess each would cost minutes)."""
+    from tunelab.cli import main
+
+    capfd.readouterr()
+    code = main(["--quiet", *argv])
+    return code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_gives_one_line_error(tmp_path, tiny_model, tiny_chat_model, names_file, name, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    c = Case(tmp_path, tiny_model, tiny_chat_model, names_file)
+    build, expected = cases(c)[name]
+    argv = build()
+    made = {p for p in tmp_path.rglob("*")}
+    code, err = run_cli(argv, capfd)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tunelab: "), err
+    assert expected in lines[0], lines[0]
+    assert not c.run.exists(), "a failed run must leave no run directory"
+    left = {p for p in tmp_path.rglob("*")} - made
+    assert not left, f"left behind: {sorted(map(str, left))}"
+
+
+@pytest.mark.parametrize("name", ["config: unknown key", "data: malformed JSONL line", "chat: no assistant turn",
+                                  "cli: predict on a generation run"])
+def test_bad_input_as_a_subprocess(tmp_path, tiny_model, tiny_chat_model, names_file, name):
+    """A few of the table's cases as a user meets them: a process of its own, its exit status and stderr."""
+    c = Case(tmp_path, tiny_model, tiny_chat_model, names_file)
+    build, expected = cases(c)[name]
+    proc = tunelab("--quiet", *build(), check=False)
+    assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("tunelab: "), proc.stderr
-    assert expected in lines[-1], lines[-1]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run").exists(), "a failed run must leave no run directory"
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
+    assert not c.run.exists()
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model, names_file):

@@ -56,3 +56,36 @@ def test_vowel_count_classifier_a_few_steps(tmp_path):
     assert (run / "adapter" / "classifier_head.safetensors").exists()
     pred = json.loads(tunelab("predict", str(run), "emma").stdout.strip().splitlines()[0])
     assert pred["text"] == "Name: emma. Number of vowels:" and len(pred["probs"]) == 11
+
+
+def test_builtin_chat_template_masks_and_a_few_steps(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunelab.config import ChatConfig, DataConfig
+    from tunelab.data.formats import IGNORE, encode_chat
+    from tunelab.data.readers import Record
+    from tunelab.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    (ex,), _ = encode_chat([Record({"messages": conv}, "x:1")], tok, DataConfig(), ChatConfig(), "train")
+    ids, labels = [], []
+    for text, sup in [  # the template's own default system prompt, then the turns; <|im_end|> is trained
+        ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("hello<|im_end|>", True),
+        ("\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("ciao<|im_end|>", True)]:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if sup else [IGNORE] * len(piece)
+    assert (ex.input_ids, ex.labels) == (ids, labels)
+    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False)[: len(ids)]
+
+    run = tmp_path / "run"
+    proc = tunelab("train", str(ROOT / "recipes" / "chat_names.yaml"), f"output.dir={run}",
+                   "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=0",
+                   "eval.max_examples=8", "eval.batch_size=8", "eval.show=2", "eval.max_new_tokens=8")
+    assert "after fine-tuning" in proc.stdout
+    assert json.loads((run / "eval.json").read_text())["n"] == 8

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ClassifyConfig, Config, DataConfig
+from ..config import ChatConfig, ClassifyConfig, Config, DataConfig
 from ..errors import TunelabError, one_line
 from .readers import Record, read_source
 from .templates import check_template, render
@@ -39,6 +39,8 @@ class Example:
     weight: float = 1.0
     record: dict[str, Any] = field(default_factory=dict)  # the source record's fields (for display)
     label: int = -1  # classification: the class index (labels are then all -100)
+    prompt_len: int | None = None  # generation: input_ids[:prompt_len] is the prompt to generate from
+    shown: str | None = None  # what tables show as the input (default: the prompt)
 
     @property
     def n_supervised(self) -> int:
@@ -137,7 +139,8 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
             t_ids = t_ids[:room]
             stats.truncated += 1
         ids, labels = mask_prompt(list(p_ids), t_ids)
-        out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record))
+        out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record,
+                           prompt_len=len(p_ids)))
         stats.lengths.append(len(ids))
         stats.supervised.append(len(t_ids))
     stats.kept = len(out)
@@ -178,8 +181,8 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
         for s in need_split:
             k = _size(getattr(cfg, f"{s}_size"), len(train))
             if k >= len(train):
-                raise TunelabError(f"data.{s}_size={getattr(cfg, f'{s}_size')} leaves no training records "
-                                   f"(there are {len(train)})", f"data.{s}_size")
+                raise TunelabError(f"holding out {k} leaves no training records (there are {len(train)})",
+                                   f"data.{s}_size")
             splits[s], train = train[:k], train[k:]
     for s in ("validation", "test"):
         src = getattr(cfg, s)
@@ -237,6 +240,64 @@ def encode_classification(records: list[Record], tok, cfg: DataConfig, ccfg: Cla
     return out, stats
 
 
+def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
+                split: str) -> tuple[list[Example], EncodeStats]:
+    """Conversations -> Examples with loss on assistant turns (see data/chat.py)."""
+    from . import chat
+
+    tmpl = chat.resolve_template(ccfg.template, tok, ccfg.stop)
+    stop_id = chat._single_token(tok, tmpl.stop) if tmpl.stop else None
+    stats = EncodeStats(total=len(records))
+    out = []
+    for r in records:
+        msgs = chat.apply_system(chat.to_messages(r.fields, ccfg.format, ccfg.column, r.where), ccfg.system,
+                                 ccfg.system_mode)
+        chat.check_roles(msgs, r.where)
+        empty = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:
+            if cfg.empty_target == "drop":
+                stats.dropped_empty += 1
+                continue
+            raise TunelabError(f"message {empty[0]}: empty assistant turn (data.empty_target=drop skips such "
+                               "conversations)", r.where)
+        truncated = False
+        while True:
+            seg = chat.segment(tmpl, msgs, tok, r.where)
+            ids, labels, prompt_len = chat.tokenize_segments(seg, tok, ccfg.train_on, stop_id, r.where, tmpl.name)
+            if len(ids) <= cfg.max_length:
+                break
+            if cfg.truncation == "error":
+                raise TunelabError(f"conversation has {len(ids)} tokens, more than data.max_length="
+                                   f"{cfg.max_length}", r.where)
+            shorter = chat.drop_last_exchange(msgs) if cfg.truncation == "truncate" else []
+            if not any(m["role"] == "assistant" for m in shorter):
+                ids = []
+                break
+            msgs, truncated = shorter, True  # truncation drops whole turns from the end
+        if not ids:
+            if cfg.truncation == "drop":
+                stats.dropped_long += 1
+                continue
+            if cfg.empty_target == "drop":
+                stats.dropped_empty += 1
+                continue
+            raise TunelabError(f"zero supervised tokens after truncation: the first assistant turn does not fit "
+                               f"in data.max_length={cfg.max_length}", r.where)
+        stats.truncated += truncated
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        last_user = msgs[last - 1]["content"] if last and msgs[last - 1]["role"] == "user" else ""
+        out.append(Example(ids, labels, seg.prompt_text, seg.answer, r.where, record=r.fields,
+                           prompt_len=prompt_len, shown=last_user))
+        stats.lengths.append(len(ids))
+        stats.supervised.append(sum(label != IGNORE for label in labels))
+    stats.kept = len(out)
+    if not out and records:
+        raise TunelabError(f"all {stats.total} conversations dropped: {stats.dropped_long} longer than "
+                           f"data.max_length={cfg.max_length}, {stats.dropped_empty} with an empty assistant "
+                           "turn", f"data.{split}")
+    return out, stats
+
+
 def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, dict], list[str] | None]:
     """Read, split, format and tokenize: Examples of every split, their statistics, and (classification)
     the label names."""
@@ -245,7 +306,9 @@ def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str,
     splits: dict[str, list[Example]] = {}
     stats: dict[str, dict] = {}
     for name in ("train", "validation", "test"):
-        if labels is None:
+        if cfg.task == "chat":
+            examples, st = encode_chat(records[name], tok, cfg.data, cfg.chat, name)
+        elif labels is None:
             examples, st = encode(to_pairs(records[name], cfg.data), tok, cfg.data, name)
         else:
             examples, st = encode_classification(records[name], tok, cfg.data, cfg.classify, labels, name)

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import faults
+from ..errors import TunelabError
+
 log = logging.getLogger("tunelab")
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -62,28 +65,45 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``step-N`` atomically; a write error (a full disk, say) leaves every earlier checkpoint as it was."""
+    bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TunelabError(f"refusing to write checkpoint step-{step}: non-finite weights in {bad[0]}"
+                           + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""), str(ckpt_dir))
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in params.items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        faults.point("enospc-ckpt", step)
+        faults.point("kill-ckpt", step, 0)
+        writers = [
+            ("trainable.safetensors", lambda p: save_file(
+                {k: v.detach().cpu().contiguous().clone() for k, v in params.items()}, str(p))),
+            ("optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p)),
+            ("rng.safetensors", lambda p: save_file({k: v.contiguous() for k, v in rng_state().items()}, str(p))),
+            ("state.json", lambda p: p.write_text(json.dumps(state, indent=1))),
+        ]
+        for i, (name, write) in enumerate(writers, 1):
+            write(tmp / name)
+            faults.point("kill-ckpt", step, i)
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync(tmp / name)
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
+        faults.point("kill-ckpt", step, len(writers) + 1)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(ckpt_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TunelabError(f"cannot write checkpoint step-{step}: {e.strerror or e}; the earlier checkpoints "
+                           "are intact", str(ckpt_dir)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

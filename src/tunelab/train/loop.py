@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic
+from .. import atomic, faults
 from ..classify import SequenceClassifier, classifier_loss_sum
 from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
@@ -39,6 +39,7 @@ from .objectives import lr_factor
 from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
 
 log = logging.getLogger("tunelab")
+MAX_SKIPPED_IN_A_ROW = 10  # train.nonfinite=skip still stops a run that only produces non-finite steps
 
 
 def say(msg: str, quiet: bool = False) -> None:
@@ -188,9 +189,21 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
             out.update(classification_metrics(model, examples, labels or [], tok.pad_token_id, cfg.eval.batch_size))
     elif cfg.eval.generate and examples:
         res = generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                 progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display)
+                                 progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display,
+                                 stop_ids=stop_ids(cfg, tok))
         out.update(res)
     return out
+
+
+def stop_ids(cfg: Config, tok) -> list[int]:
+    """Token ids generation stops at besides EOS: a chat template's end-of-turn token."""
+    if cfg.task != "chat":
+        return []
+    from ..data.chat import _single_token, resolve_template
+
+    tmpl = resolve_template(cfg.chat.template, tok, cfg.chat.stop)
+    sid = _single_token(tok, tmpl.stop) if tmpl.stop else None
+    return [sid] if sid is not None else []
 
 
 @contextlib.contextmanager
@@ -247,7 +260,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     steps = total_steps(cfg, len(train_ex))
 
     # ---- run directory (fresh or resumed)
-    step, pos, tokens_seen = 0, Position(), 0
+    step, pos, tokens_seen, skipped = 0, Position(), 0, 0
+    skipped_in_a_row = 0
     metrics_path = run / "metrics.jsonl"
     fingerprint = data_fingerprint(cfg, len(train_ex))
     if resume_from is None:
@@ -269,7 +283,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                 named[k].copy_(v)
         opt.load_state_dict(opt_state)
         ckpt.set_rng_state(rng)
-        step, tokens_seen = state["step"], state["tokens_seen"]
+        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped", 0)
         pos = Position(state["epoch"], state["batch"])
         _truncate_metrics(metrics_path, step)
         for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future, not to resume later
@@ -307,15 +321,26 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             for b in micro:
                 b = {k: v.to(device) for k, v in b.items()}
                 loss_sum, _ = loss_fn(model, b, cfg.train.loss_chunk)
+                if faults.active("nan-loss", step + 1):
+                    loss_sum = loss_sum * float("nan")
                 (loss_sum / n_sup).backward()
                 loss_total += float(loss_sum.detach())
+            faults.point("kill-step", step + 1)
             loss = loss_total / n_sup
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # inf: measure, don't clip
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                raise TunelabError(f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; "
+            finite = math.isfinite(loss) and math.isfinite(gnorm)
+            if not finite and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW):
+                more = (f" ({skipped_in_a_row} steps in a row skipped before it)" if skipped_in_a_row else "")
+                raise TunelabError(f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}{more}; "
                                    "no checkpoint was written for it (try a lower train.lr)", "train")
-            opt.step()
+            if finite:
+                opt.step()
+                skipped_in_a_row = 0
+            else:  # train.nonfinite=skip: no update from this batch, counted
+                skipped += 1
+                skipped_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient norm; step skipped (%d so far)", step + 1, skipped)
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += n_tok
@@ -323,6 +348,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             rec: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
                                    "tokens": n_tok, "supervised_tokens": n_sup, "tokens_per_s": round(n_tok / dt, 1),
                                    "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
+            if not finite:
+                rec.update(loss=None, grad_norm=None, skipped=True)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                 if val_ex:
                     rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
@@ -332,11 +359,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                                                              cfg.eval.batch_size)["accuracy"]
                 elif cfg.eval.during_training and cfg.eval.generate and eval_ex:
                     rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
-                                                            cfg.eval.batch_size)["exact_match"]
+                                                            cfg.eval.batch_size,
+                                                            stop_ids=stop_ids(cfg, tok))["exact_match"]
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", skipped=skipped)
             if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
                 extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match", "accuracy") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
@@ -345,7 +373,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             if step == steps or stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
                                      {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
-                                      "tokens_seen": tokens_seen, "data_fingerprint": fingerprint},
+                                      "tokens_seen": tokens_seen, "skipped": skipped,
+                                      "data_fingerprint": fingerprint},
                                      cfg.train.keep_checkpoints)
             if stopping and step < steps:
                 bar.close()
@@ -363,7 +392,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     result = _without_samples(after)
     result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
                    "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
-                   "total_parameters": n_total})
+                   "total_parameters": n_total, "skipped_steps": skipped})
     if before is not None:
         result["before"] = _without_samples(before)
     if "samples" in after:

@@ -1,0 +1,45 @@
+"""Fault injection for the reliability tests, switched on by the environment only.
+
+``TUNELAB_FAULT`` holds comma-separated faults, each ``kind:step`` or ``kind:step:k``:
+
+- ``kill-step:N`` - SIGKILL this process in the middle of step N (after its backward pass, before the
+  optimizer updates the weights);
+- ``kill-ckpt:N:K`` - SIGKILL while checkpoint N is being written, after K of its files;
+- ``enospc-ckpt:N`` - writing checkpoint N fails as a full disk would (OSError ENOSPC);
+- ``nan-loss:N`` - the loss of step N is NaN.
+
+Nothing here does anything unless the variable is set; tunelab never sets it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+
+def _parse(spec: str) -> list[tuple[str, int, int | None]]:
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        out.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None))
+    return out
+
+
+def _faults() -> list[tuple[str, int, int | None]]:
+    spec = os.environ.get("TUNELAB_FAULT")
+    return _parse(spec) if spec else []
+
+
+def active(kind: str, step: int, k: int | None = None) -> bool:
+    return any(f == kind and s == step and (kk is None or kk == k) for f, s, kk in _faults())
+
+
+def point(kind: str, step: int, k: int | None = None) -> None:
+    """Act out the fault configured for this point, if any."""
+    if not active(kind, step, k):
+        return
+    if kind.startswith("kill-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind.startswith("enospc-"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
