@@ -1,4 +1,4 @@
-"""The command line: tunelab train | eval | merge | predict | export | data show.
+"""The command line: tunelab train | eval | merge | predict | export | chat | generate | student | data show.
 
 User errors print one line (``tunelab: <where>: <what>``) and exit 2; ``--debug`` shows tracebacks.
 """
@@ -280,6 +280,109 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """A model's completions over a prompt set, as JSONL (sequence-level KD, an augmented teacher)."""
+    from .config import ModelConfig, load_config
+    from .gen_data import critic_scores, load_verifier, prompts_from_file, prompts_from_recipe, verify, write_rows
+    from .generate import generate
+    from .models import load_model, load_trained
+    from .train.loop import stop_ids
+
+    if (args.recipe is None) == (args.input is None):
+        raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template) or --input FILE",
+                           "generate")
+    if args.n < 1 or args.max_new_tokens < 1:
+        raise TunelabError("--n and --max-new-tokens must be at least 1", "generate")
+    if args.n > 1 and args.temperature <= 0:
+        raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
+    if args.min_score is not None and not (args.verifier or args.critic):
+        raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise TunelabError("output file exists (--force replaces it)", str(out))
+    verifier = load_verifier(args.verifier) if args.verifier else None
+    if args.critic and not (Path(args.critic) / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", args.critic)
+    target = Path(args.target)
+    is_run = target.is_dir() and (target / "config.yaml").exists()
+    recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+    if is_run:
+        run_cfg = load_config(target)
+        model, tok = load_trained(target, run_cfg.model)
+    else:
+        model, tok = load_model(ModelConfig(name=args.target, device=args.device))
+    items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg
+             else prompts_from_file(args.input, args.prompt_field)[: args.limit])
+    stops = stop_ids(recipe_cfg, tok) if recipe_cfg is not None else []
+    outputs = generate(model, tok, [i.prompt for i in items], max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                       num_return_sequences=args.n, progress=not args.quiet and sys.stderr.isatty(),
+                       seed=args.seed, stop_ids=stops)
+    del model
+    flat = [(item, j, o) for item, outs in zip(items, outputs) for j, o in enumerate(outs)]
+    scores: list[float | None] = [None] * len(flat)
+    if verifier is not None:
+        scores = [verify(verifier, args.verifier, item, o) for item, _, o in flat]
+    elif args.critic:
+        scores = critic_scores(Path(args.critic), args.critic_label, [f[0] for f in flat], [f[2] for f in flat])
+    rows = []
+    for (item, j, o), score in zip(flat, scores):
+        if args.min_score is not None and score is not None and score < args.min_score:
+            continue
+        prompt = item.prompt if isinstance(item.prompt, str) else tok.decode(item.prompt)
+        row = {**item.record, "prompt": prompt, "completion": o, "sample": j}
+        if score is not None:
+            row["score"] = score
+        rows.append(row)
+    write_rows(out, rows)
+    kept = f", {len(rows)} kept with score >= {args.min_score}" if args.min_score is not None else ""
+    mean = (f", mean score {sum(scores) / len(scores):.3f}" if scores and scores[0] is not None else "")
+    print(f"{len(flat)} completions of {len(items)} prompts{mean}{kept}; written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    """A smaller student cut from a teacher: some of its decoder layers, with their weights."""
+    from .config import ModelConfig, load_config
+    from .models import load_model, load_trained
+    from .teacher import slice_layers
+
+    target = Path(args.teacher)
+    if target.is_dir() and (target / "config.yaml").exists():
+        model, tok = load_trained(target, load_config(target).model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    else:
+        model, tok = load_model(ModelConfig(name=args.teacher, device="cpu"))
+    n = model.config.num_hidden_layers
+    if (args.layers is None) == (args.keep_every is None):
+        raise TunelabError("give --keep-every K or --layers I,J,...", "student")
+    if args.layers is not None:
+        try:
+            keep = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise TunelabError(f"--layers takes comma-separated integers, got {args.layers!r}", "--layers") from None
+    else:
+        if args.keep_every < 1:
+            raise TunelabError("--keep-every must be at least 1", "--keep-every")
+        keep = list(range(0, n, args.keep_every))
+        if keep[-1] != n - 1:
+            keep.append(n - 1)  # keep the last layer: it feeds the output head
+    out = free_out_dir(args.out_dir, args.force)
+    student = slice_layers(model, keep)
+
+    def write(d: Path) -> None:
+        student.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    atomic.write_dir(out, write)
+    n_t = sum(p.numel() for p in model.parameters())
+    n_s = sum(p.numel() for p in student.parameters())
+    print(f"student with layers {keep} of {n}: {n_s:,} parameters ({n_s / n_t:.0%} of {n_t:,}); written to {out}",
+          file=sys.stderr)
+    return 0
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("TUNELAB_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
@@ -354,6 +457,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.set_defaults(func=cmd_chat)
+
+    g = sub.add_parser("generate", help="write a model's completions over a prompt set as JSONL "
+                                        "(sequence-level distillation, an augmented teacher)")
+    g.add_argument("target", help="run directory, or a model: alias, local directory or hub id")
+    g.add_argument("overrides", nargs="*", help="key=value overrides of --recipe")
+    g.add_argument("--recipe", help="take the prompts from this recipe's data, rendered by its template")
+    g.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    g.add_argument("--input", help="or a file of prompts (JSONL, CSV, ...)")
+    g.add_argument("--prompt-field", default="prompt", help="the prompt field of --input (default prompt)")
+    g.add_argument("--limit", type=int, help="only the first N prompts")
+    g.add_argument("--out", required=True, help="JSONL to write: the record's fields + prompt, completion, "
+                                                "sample[, score]")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.add_argument("--n", type=int, default=1, help="completions per prompt (needs --temperature > 0)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--verifier", help="module:function(record, output) -> bool | float scoring each completion")
+    g.add_argument("--critic", help="a tunelab classification run scoring each completion (its text template "
+                                    "sees the record's fields and {output})")
+    g.add_argument("--critic-label", default="yes", help="the critic's label whose probability is the score")
+    g.add_argument("--min-score", type=float, help="keep only completions scored at least this")
+    g.set_defaults(func=cmd_generate)
+
+    st = sub.add_parser("student", help="cut a smaller student from a teacher (a subset of its layers)")
+    st.add_argument("teacher", help="run directory, or a model: alias, local directory or hub id")
+    st.add_argument("out_dir")
+    st.add_argument("--keep-every", type=int, help="keep layers 0, K, 2K, ... and the last")
+    st.add_argument("--layers", help="or exactly these layers, comma-separated (0-based)")
+    st.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    st.set_defaults(func=cmd_student)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)

@@ -65,6 +65,7 @@ class DataConfig:
     empty_target: str = field(default="error", metadata=_choices("error", "drop"))
     add_eos: bool = True
     group_by_length: bool = True
+    weight_field: str | None = None  # a numeric record field that weights each example's loss (e.g. a score)
 
 
 @dataclass
@@ -129,6 +130,22 @@ class ChatConfig:
 
 
 @dataclass
+class KDConfig:
+    """Token-level knowledge distillation: loss = (1 - alpha)·CE + alpha·T²·D(teacher ‖ student)."""
+
+    teacher: str | None = None  # a run directory, model directory, alias or hub id; null: no distillation
+    alpha: float = 0.5  # weight of the distillation term (1: soft labels only; 0: plain SFT)
+    temperature: float = 1.0
+    divergence: str = field(default="forward_kl", metadata=_choices("forward_kl", "reverse_kl", "jsd"))
+    beta: float = 0.5  # generalised JSD: m = beta·q + (1 - beta)·p
+    teacher_dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
+    teacher_device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    cache: str | None = None  # a file of the teacher's top-k log-probabilities: written once, then reused
+    top_k: int = 64  # tokens kept per position in the cache
+    chunk: int = 1024  # supervised positions per logits chunk
+
+
+@dataclass
 class EvalConfig:
     before: bool = True  # evaluate the base model too, for the before/after table
     generate: bool = True  # greedy generation + exact match (generation tasks)
@@ -159,6 +176,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -491,6 +509,15 @@ def _check(cfg: Config, loc: _Located) -> None:
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
+    k = cfg.kd
+    if k.teacher is not None or k.cache is not None:
+        need(cfg.task in ("generation", "chat"), "kd.teacher", "distillation is for generation and chat tasks")
+        need(k.temperature > 0, "kd.temperature", f"must be positive, got {k.temperature}")
+        need(0 <= k.alpha <= 1, "kd.alpha", f"must be in [0, 1], got {k.alpha}")
+        need(0 < k.beta < 1, "kd.beta", f"must be in (0, 1), got {k.beta}")
+        need(k.top_k >= 1, "kd.top_k", "must be at least 1")
+        need(k.chunk >= 1, "kd.chunk", "must be at least 1")
+        need(k.teacher is not None, "kd.teacher", "kd.cache needs the teacher it caches (kd.teacher)")
     e = cfg.eval
     if e.display:
         check_template(e.display, loc.of("eval.display"))

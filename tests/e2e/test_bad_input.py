@@ -69,6 +69,18 @@ def _mkdir(path: Path, with_file: bool = False) -> Path:
     return path
 
 
+def _cache(tmp: Path) -> Path:
+    """A teacher cache written for some other data."""
+    import torch
+    from safetensors.torch import save_file
+
+    p = tmp / "teacher.safetensors"
+    save_file({"logp": torch.zeros(1, 1), "index": torch.zeros(1, 1, dtype=torch.int32),
+               "offsets": torch.zeros(2, dtype=torch.long)}, str(p),
+              metadata={"fingerprint": "0" * 16, "examples": "1", "top_k": "1"})
+    return p
+
+
 def cases(c: Case) -> dict[str, tuple[object, str]]:
     """name -> (a function writing the case's files and returning the command line, the expected part of
     the error line). Each case writes only its own files, when it runs."""
@@ -134,6 +146,23 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
                                            "the training set has a single class ('1')"),
         "classification: empty text": (lambda: c.classify([{"name": "bob"}, {"name": " "}], text="{name}"),
                                        "data.jsonl:2: empty text"),
+        # ---- distillation settings
+        "kd: tokenizer mismatch": (lambda: c.train(kd={"teacher": str(c.chat_model)}),
+                                   "kd.teacher: the teacher's tokenizer differs from the student's"),
+        "kd: temperature not positive": (lambda: c.train(kd={"teacher": str(c.model), "temperature": 0}),
+                                         "kd.temperature: must be positive, got 0.0"),
+        "kd: alpha outside [0, 1]": (lambda: c.train(kd={"teacher": str(c.model), "alpha": 1.5}),
+                                     "kd.alpha: must be in [0, 1], got 1.5"),
+        "kd: cache for other data": (lambda: c.train(kd={"teacher": str(c.model), "cache": str(_cache(c.tmp))}),
+                                     "teacher.safetensors: the cached teacher log-probabilities were computed for "
+                                     "other data"),
+        "kd: verifier that cannot be imported": (
+            lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--out", str(c.tmp / "g.jsonl"),
+                     "--verifier", "no_such_module:check"], "--verifier: cannot import no_such_module"),
+        "kd: verifier that raises": (
+            lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--out", str(c.tmp / "g.jsonl"), "--limit",
+                     "2", "--max-new-tokens", "2", "--verifier", "json:loads"],
+            "verifier json:loads raised TypeError"),
         # ---- command-line arguments
         "cli: eval of a directory that is not a run": (lambda: ["eval", str(_mkdir(c.tmp / "empty"))],
                                                        "empty: not a run directory"),

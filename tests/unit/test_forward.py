@@ -8,7 +8,7 @@ from conftest import build_tiny_model
 
 from tunelab.data.batching import collate
 from tunelab.data.formats import Example, mask_prompt
-from tunelab.train.forward import body_hidden, causal_lm_loss_sum, shared_prefix_len, split_head
+from tunelab.train.forward import body_hidden, causal_lm_loss_sum, length_groups, shared_prefix_len, split_head
 from tunelab.train.objectives import masked_ce_sum
 
 
@@ -57,17 +57,19 @@ def test_fast_path_equals_full_logits(tiny, mode):
         m = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                              init_lora_weights=False))
     m.train()
-    batch = _batch(tok, ["emma", "olivia", "ava", "isabella", "sophia"])
+    batch = _batch(tok, ["emma", "olivia", "ava", "isabella", "sophia", "jo", "christopher", "ella"])
     assert shared_prefix_len(batch["input_ids"], batch["attention_mask"]) >= 2
+    assert len(set(batch["attention_mask"].sum(1).tolist())) >= 4  # rows of several lengths: regrouped
 
     results = []
-    for how in ("plain", "fast", "fast-no-prefix"):
+    for how in ("plain", "fast", "fast-no-prefix", "fast-no-regroup"):
         m.zero_grad()
         if how == "plain":
             logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, n = masked_ce_sum(logits, batch["labels"])
         else:
-            loss, n = causal_lm_loss_sum(m, batch, chunk=7, share_prefix=how == "fast")
+            loss, n = causal_lm_loss_sum(m, batch, chunk=7, share_prefix=how != "fast-no-prefix",
+                                         regroup=how != "fast-no-regroup")
         loss.backward()
         results.append((float(loss), n, _grads(m)))
     (l0, n0, g0) = results[0]
@@ -99,3 +101,25 @@ def test_no_shared_prefix_falls_back(tiny):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ref, n_ref = masked_ce_sum(logits, batch["labels"])
     assert n == n_ref and abs(float(loss) - float(ref)) < 1e-4
+
+
+def test_length_groups():
+    assert length_groups([5, 3, 5, 3, 9], waste=0.0) == [[1, 3], [0, 2], [4]]
+    # a row one token longer joins while the padding stays within 10% of the real tokens
+    assert length_groups([10, 10, 10, 11], waste=0.1) == [[0, 1, 2, 3]]
+    assert length_groups([10, 20], waste=0.1) == [[0], [1]]
+    groups = length_groups([7, 3, 12, 3, 8, 7, 15, 4], waste=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    for g in groups:
+        lens = [[7, 3, 12, 3, 8, 7, 15, 4][i] for i in g]
+        assert len(g) * max(lens) <= 1.25 * sum(lens)
+
+
+def test_regrouped_loss_with_example_weights(tiny):
+    model, tok = tiny
+    batch = _batch(tok, ["emma", "olivia", "christopher", "jo"])
+    batch["weight"] = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    with torch.no_grad():
+        a, n = causal_lm_loss_sum(model, batch, regroup=True)
+        b, m = causal_lm_loss_sum(model, batch, regroup=False)
+    assert n == m and abs(float(a) - float(b)) < 1e-5 * max(1.0, abs(float(b)))

@@ -7,7 +7,6 @@ be at generation time, so training and use see the same tokens.
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from ..config import ChatConfig, ClassifyConfig, Config, DataConfig
 from ..errors import TunelabError, one_line
+from ..plugins import load_function
 from .readers import Record, read_source
 from .templates import check_template, render
 
@@ -53,17 +53,7 @@ def mask_prompt(prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int]
 
 
 def load_formatter(spec: str) -> Callable[[dict], Any]:
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
-        raise TunelabError(f"expected module:function, got {spec!r}", "data.formatter")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise TunelabError(f"cannot import {mod_name}: {one_line(e)}", "data.formatter") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise TunelabError(f"{mod_name} has no function {fn_name!r}", "data.formatter")
-    return fn
+    return load_function(spec, "data.formatter")
 
 
 def to_pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
@@ -109,6 +99,22 @@ class EncodeStats:
         }
 
 
+def example_weight(record: dict, cfg: DataConfig, where: str) -> float:
+    """The example's loss weight: 1, or the record's ``data.weight_field`` (a non-negative number)."""
+    if not cfg.weight_field:
+        return 1.0
+    if cfg.weight_field not in record:
+        raise TunelabError(f"missing field {cfg.weight_field!r} (used by data.weight_field)", where)
+    value = record[cfg.weight_field]
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise TunelabError(f"field {cfg.weight_field!r} must be a number, got {value!r}", where) from None
+    if not (w >= 0 and w != float("inf")):
+        raise TunelabError(f"field {cfg.weight_field!r} must be a finite non-negative weight, got {value!r}", where)
+    return w
+
+
 def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Example], EncodeStats]:
     stats = EncodeStats(total=len(pairs))
     eos = tok.eos_token_id
@@ -140,7 +146,7 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
             stats.truncated += 1
         ids, labels = mask_prompt(list(p_ids), t_ids)
         out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record,
-                           prompt_len=len(p_ids)))
+                           prompt_len=len(p_ids), weight=example_weight(pair.record, cfg, pair.where)))
         stats.lengths.append(len(ids))
         stats.supervised.append(len(t_ids))
     stats.kept = len(out)

@@ -1,10 +1,13 @@
 """The model side of the loss: hidden states from the body, the head only where there is loss.
 
-Two exact speed-ups over ``model(**batch).logits`` + cross-entropy, both on by default:
+Exact speed-ups over ``model(**batch).logits`` + cross-entropy, all on by default:
 - the output head (V x D, the biggest matrix of a small model) runs only on supervised positions
   (``objectives.supervised_ce_sum``), never materialising (B, T, V) logits;
 - a token prefix that every row of a batch shares (an instruction, a system prompt) is run once, as a
-  batch of one, and its KV cache is repeated for the rows: the same numbers as running it B times.
+  batch of one, and its KV cache is repeated for the rows: the same numbers as running it B times;
+- no padding: the rows of a batch are regrouped by length and each group runs on its own, cut to its
+  longest row (the loss is a sum over tokens, so the groups' sums add up to the batch's);
+- the last position of a group predicts nothing (there is no next token), so it is never computed.
 """
 
 from __future__ import annotations
@@ -77,13 +80,70 @@ def body_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     return torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest], dim=1)
 
 
+def length_groups(lengths: list[int], waste: float = 0.1) -> list[list[int]]:
+    """Row indices in groups of similar length (shortest first): a group grows while its padding stays
+    within ``waste`` of its real tokens, so most groups hold rows of one or two lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # sorted: the newest row is the longest of the group
+        if cur and (len(cur) + 1) * n > (1 + waste) * (real + n):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    lengths = mask.sum(1, keepdim=True)
+    return bool((mask == (torch.arange(mask.shape[1], device=mask.device)[None] < lengths).long()).all())
+
+
+def row_groups(batch: dict[str, torch.Tensor], regroup: bool = True):
+    """The batch as groups of rows to run separately: (row indices or None, input_ids, attention_mask,
+    labels), the inputs cut to the group's longest row minus its last position (which predicts nothing)
+    and the labels to the longest row. Without regrouping (or for a batch that is not right-padded) the
+    whole batch is one group with nothing cut."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if not (regroup and _right_padded(mask)):
+        yield None, ids, mask, labels, False
+        return
+    lengths = mask.sum(1).tolist()
+    for group in length_groups(lengths):
+        L = max(lengths[i] for i in group)
+        if L < 2:
+            continue  # a one-token row predicts nothing
+        idx = torch.tensor(group, device=ids.device)
+        yield idx, ids[idx, :L - 1], mask[idx, :L - 1], labels[idx, :L], True
+
+
+def pad_last(hidden: torch.Tensor, cut: bool) -> torch.Tensor:
+    """Hidden states of a cut group back to the labels' length (the last position is shifted off anyway)."""
+    return torch.nn.functional.pad(hidden, (0, 0, 0, 1)) if cut else hidden
+
+
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048,
-                       share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+                       share_prefix: bool = True, regroup: bool = True) -> tuple[torch.Tensor, int]:
     """Sum of CE over the supervised tokens of a padded batch, and their number."""
     parts = split_head(model)
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
     body, head = parts
-    hidden = body_hidden(body, batch["input_ids"], batch["attention_mask"], share_prefix)
-    return supervised_ce_sum(hidden, batch["labels"], head, batch.get("weight"), chunk)
+    weight = batch.get("weight")
+    total: torch.Tensor | None = None
+    count = 0
+    for idx, ids, mask, labels, cut in row_groups(batch, regroup):
+        hidden = pad_last(body_hidden(body, ids, mask, share_prefix), cut)
+        w = weight if weight is None or idx is None else weight[idx]
+        s, n = supervised_ce_sum(hidden, labels, head, w, chunk)
+        total = s if total is None else total + s
+        count += n
+    if total is None:
+        return sum(p.sum() for p in head.parameters()) * 0.0, 0
+    return total, count

@@ -195,6 +195,59 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
     return out
 
 
+def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: torch.device, quiet: bool):
+    """loss_fn(model, batch, chunk) for token-level KD against a live teacher or its top-k cache."""
+    from ..teacher import cached_rows, load_or_build_cache, load_teacher
+    from .distill import kd_loss_sum
+    from .forward import body_hidden, pad_last, row_groups, split_head
+
+    kd = cfg.kd
+    if split_head(model) is None:
+        raise TunelabError("distillation needs a model whose logits are head(hidden)", "model.name")
+    cache = teacher = None
+    if kd.cache:
+        cache, vocab = load_or_build_cache(cfg, tok, train_ex, device, quiet)
+    else:
+        teacher, vocab = load_teacher(cfg, tok, device)
+        t_body, t_head = split_head(teacher)
+        t_device = next(teacher.parameters()).device
+    say(f"distilling from {kd.teacher}: alpha={kd.alpha}, T={kd.temperature}, {kd.divergence}"
+        + (f", top-{kd.top_k} cache {kd.cache}" if cache else ""), quiet)
+    s_head_out = split_head(model)[1].weight.shape[0]
+    if s_head_out < vocab:
+        raise TunelabError(f"the student's output layer has {s_head_out} rows, fewer than the {vocab} tokens",
+                           "model.name")
+
+    def loss_fn(m, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, int]:
+        body, head = split_head(m)
+        total, count = None, 0
+        for idx, ids, mask, labels, cut in row_groups(batch):
+            hidden = pad_last(body_hidden(body, ids, mask), cut)
+            rows = batch["index"] if idx is None else batch["index"][idx]
+            t_part = c_part = None
+            if cache is not None:
+                lp, ix = cached_rows(cache, rows.cpu())
+                c_part = (lp.to(hidden.device), ix.to(hidden.device))
+            else:
+                with torch.no_grad():
+                    t_hidden = pad_last(body_hidden(t_body, ids.to(t_device), mask.to(t_device)), cut)
+                    t_hidden = t_hidden.to(hidden.device)  # kd_loss_sum selects positions with the student's mask
+                t_part = (t_hidden, t_head if t_device == hidden.device
+                          else (lambda x, dev=hidden.device: t_head(x.to(t_device)).to(dev)))
+            weight = batch.get("weight")
+            w = weight if weight is None or idx is None else weight[idx]
+            s, n = kd_loss_sum(hidden, labels, head, t_part, c_part, temperature=kd.temperature,
+                               kind=kd.divergence, beta=kd.beta, alpha=kd.alpha, vocab=vocab, weight=w,
+                               chunk=kd.chunk)
+            total = s if total is None else total + s
+            count += n
+        if total is None:
+            return sum(p.sum() for p in head.parameters()) * 0.0, 0
+        return total, count
+
+    return loss_fn
+
+
 def stop_ids(cfg: Config, tok) -> list[int]:
     """Token ids generation stops at besides EOS: a chat template's end-of-turn token."""
     if cfg.task != "chat":
@@ -243,6 +296,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     n_train, n_total = count_parameters(model)
     say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
         f"mode={cfg.train.mode}", quiet)
+
+    # a teacher (or its cache) is checked and loaded before the run directory is touched
+    kd_loss = distillation_loss(cfg, model, tok, train_ex, device, quiet) if cfg.kd.teacher is not None else None
 
     before = None
     before_path = run / "before.json"
@@ -304,6 +360,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                dynamic_ncols=True)
     t_loop = time.time()
     loss_fn, count = objective(cfg)
+    if kd_loss is not None:
+        loss_fn = kd_loss
     with StopRequest() as stop, open(metrics_path, "a") as metrics:
         while step < steps:
             t0 = time.time()
@@ -315,6 +373,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             for _ in range(cfg.train.grad_accum):
                 pos, idx = next(stream)
                 micro.append(collate([train_ex[i] for i in idx], tok.pad_token_id))
+                micro[-1]["index"] = torch.tensor(idx)  # dataset indices (a distillation cache needs them)
             n_sup = sum(count(b) for b in micro)
             n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
             loss_total = 0.0

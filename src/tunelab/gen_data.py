@@ -1,0 +1,115 @@
+"""Model-generated data: a model's completions over a prompt set, written as JSONL the readers take back.
+
+Used for sequence-level distillation (the teacher writes the training set of the student) and, with a
+critic, for an augmented teacher q ∝ p(y|x)·A(x, y): each candidate is scored by a verifier
+(``module:function(record, output) -> bool | float``) or by a tunelab classification run (the probability
+of one of its labels), then filtered by a threshold or kept with its score as a loss weight
+(``data.weight_field: score``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TunelabError, one_line
+from .plugins import load_function
+
+
+@dataclass
+class PromptItem:
+    record: dict
+    prompt: str | list[int]  # text, or token ids (a chat prompt rendered by its template)
+    where: str
+
+
+def load_verifier(spec: str) -> Callable[[dict, str], float]:
+    return load_function(spec, "--verifier")
+
+
+def verify(fn: Callable, spec: str, item: PromptItem, output: str) -> float:
+    try:
+        value = fn(dict(item.record), output)
+    except Exception as e:
+        raise TunelabError(f"verifier {spec} raised {type(e).__name__}: {one_line(e)}", item.where) from None
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    raise TunelabError(f"verifier {spec} must return a bool or a finite number, got {value!r}", item.where)
+
+
+def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptItem]:
+    """The prompts of a recipe's split, rendered exactly as training renders them."""
+    from .data.formats import split_records, to_pairs
+
+    records = split_records(cfg.data, cfg.train.seed)[split]
+    if limit is not None:
+        records = records[:limit]
+    if cfg.task == "chat":
+        from .data import chat
+
+        tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
+        items = []
+        for r in records:
+            msgs = chat.apply_system(chat.to_messages(r.fields, cfg.chat.format, cfg.chat.column, r.where),
+                                     cfg.chat.system, cfg.chat.system_mode)
+            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+            text = chat.render(tmpl, msgs[:last], True, tok, r.where)
+            items.append(PromptItem(r.fields, tok(text, add_special_tokens=False)["input_ids"], r.where))
+        return items
+    if cfg.task != "generation":
+        raise TunelabError("generate needs a generation or chat recipe", "task")
+    return [PromptItem(p.record, p.prompt, p.where) for p in to_pairs(records, cfg.data)]
+
+
+def prompts_from_file(path: str, field: str) -> list[PromptItem]:
+    from .config import SourceConfig
+    from .data.readers import read_source
+
+    items = []
+    for r in read_source(SourceConfig(path=path)):
+        if field not in r.fields:
+            raise TunelabError(f"missing field {field!r} (the prompt field; --prompt-field sets it)", r.where)
+        if not isinstance(r.fields[field], str) or not r.fields[field].strip():
+            raise TunelabError(f"field {field!r} must be a non-empty string", r.where)
+        items.append(PromptItem(r.fields, r.fields[field], r.where))
+    if not items:
+        raise TunelabError("no prompts", path)
+    return items
+
+
+def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[str]) -> list[float]:
+    """p(label | text) from a tunelab classification run, its text template filled with the record's
+    fields plus ``output`` (the candidate, stripped) and ``completion`` (as generated)."""
+    from .config import load_config
+    from .data.formats import Example
+    from .data.templates import render
+    from .evaluate import class_probabilities
+    from .models import load_trained_classifier
+
+    cfg = load_config(run)
+    if cfg.task != "classification":
+        raise TunelabError("the critic must be a classification run", str(run))
+    model, tok = load_trained_classifier(run, cfg.model)
+    if label not in model.labels:
+        raise TunelabError(f"the critic has no label {label!r} (its labels: {', '.join(model.labels)})",
+                           "--critic-label")
+    examples = []
+    for item, out in zip(items, outputs):
+        fields = {**item.record, "output": out.strip(), "completion": out}
+        text = render(cfg.classify.text, fields, item.where, "classify.text")
+        ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
+        examples.append(Example(ids, [-100] * len(ids), text, "", item.where))
+    probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
+    k = model.labels.index(label)
+    return [float(p[k]) for p in probs.tolist()]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    from . import atomic
+
+    atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

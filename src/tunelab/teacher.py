@@ -1,0 +1,168 @@
+"""Teachers for distillation: loading, vocabulary checks, the top-k cache, and students cut from a teacher."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .config import Config, KDConfig, ModelConfig
+from .errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def _is_run(path: str) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.yaml").exists()
+
+
+def teacher_tokenizer(kd: KDConfig):
+    from .config import load_config
+    from .models import load_tokenizer
+
+    if _is_run(kd.teacher):
+        return load_tokenizer(load_config(kd.teacher).model)
+    return load_tokenizer(ModelConfig(name=kd.teacher))
+
+
+def check_vocab(student_tok, teacher_tok) -> int:
+    """The shared vocabulary size; a real mismatch (different tokens or ids) is an error."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        differ = len(set(s.items()) ^ set(t.items()))
+        raise TunelabError(f"the teacher's tokenizer differs from the student's ({len(t)} vs {len(s)} tokens, "
+                           f"{differ} entries differ): token-level distillation needs one tokenizer",
+                           "kd.teacher")
+    return len(student_tok)
+
+
+def load_teacher(cfg: Config, student_tok, device: torch.device):
+    """The teacher in eval mode without gradients, in its own dtype and device (a LoRA run merged)."""
+    from .config import load_config
+    from .models import load_model, load_trained
+
+    kd = cfg.kd
+    dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
+    dev = "cuda" if kd.teacher_device == "auto" and device.type == "cuda" else kd.teacher_device
+    dev = "cpu" if dev == "auto" else dev
+    if _is_run(kd.teacher):
+        tcfg = load_config(kd.teacher)
+        if tcfg.task == "classification":
+            raise TunelabError("the teacher is a classification run; a teacher must generate", "kd.teacher")
+        mcfg = ModelConfig(**{**tcfg.model.__dict__, "dtype": dtype, "device": dev})
+        model, tok = load_trained(Path(kd.teacher), mcfg)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    else:
+        model, tok = load_model(ModelConfig(name=kd.teacher, dtype=dtype, device=dev))
+    vocab = check_vocab(student_tok, tok)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, vocab
+
+
+def examples_fingerprint(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_cache(teacher, examples, vocab: int, k: int, pad_id: int, batch_size: int = 32,
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """The teacher's top-k log-probabilities at every supervised position of every example, in order."""
+    from tqdm.auto import tqdm
+
+    from .data.batching import collate
+    from .train.forward import body_hidden, split_head
+
+    body, head = split_head(teacher)
+    device = next(teacher.parameters()).device
+    logps, idxs, counts = [], [], []
+    for s in tqdm(range(0, len(examples), batch_size), desc="teacher top-k", disable=not progress, leave=False):
+        batch = collate(examples[s:s + batch_size], pad_id)
+        ids, mask, labels = (batch[x].to(device) for x in ("input_ids", "attention_mask", "labels"))
+        hidden = body_hidden(body, ids, mask)[:, :-1]
+        sel = labels[:, 1:] != -100
+        logits = head(hidden[sel])[:, :vocab].float()
+        lp, ix = torch.log_softmax(logits, -1).topk(min(k, vocab), dim=-1)
+        logps.append(lp.cpu())
+        idxs.append(ix.to(torch.int32).cpu())
+        counts.extend(sel.sum(1).tolist())
+    offsets = torch.zeros(len(examples) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
+    return {"logp": torch.cat(logps), "index": torch.cat(idxs), "offsets": offsets}
+
+
+def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device, quiet: bool):
+    """(cache tensors, vocab): read ``kd.cache`` if it exists and matches the data, else compute and write it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    kd = cfg.kd
+    path = Path(kd.cache)
+    fp = examples_fingerprint(examples)
+    if path.exists():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            cache = load_file(str(path))
+        except Exception as e:  # not a safetensors file, truncated, ...
+            raise TunelabError(f"not a teacher cache ({type(e).__name__})", str(path)) from None
+        if meta.get("fingerprint") != fp or int(meta.get("examples", -1)) != len(examples):
+            raise TunelabError("the cached teacher log-probabilities were computed for other data (or another "
+                               "tokenizer or template): delete the file or point kd.cache elsewhere", str(path))
+        if int(meta.get("top_k", -1)) != min(kd.top_k, len(student_tok)):
+            raise TunelabError(f"the cache holds top-{meta.get('top_k')} log-probabilities, the recipe asks for "
+                               f"kd.top_k={kd.top_k}", str(path))
+        vocab = check_vocab(student_tok, teacher_tokenizer(kd))
+        log.info("teacher top-%s log-probabilities from %s", meta.get("top_k"), path)
+        return cache, vocab
+    teacher, vocab = load_teacher(cfg, student_tok, device)
+    if not quiet:
+        log.info("computing the teacher's top-%d log-probabilities over %d examples -> %s", kd.top_k,
+                 len(examples), path)
+    cache = build_cache(teacher, examples, vocab, kd.top_k, student_tok.pad_token_id, progress=not quiet)
+    meta = {"fingerprint": fp, "examples": str(len(examples)), "top_k": str(min(kd.top_k, vocab)),
+            "teacher": str(kd.teacher)}
+    atomic.write_file(path, lambda p: save_file(cache, str(p), metadata=meta))
+    del teacher
+    return cache, vocab
+
+
+def cached_rows(cache: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache rows of these examples (dataset indices), concatenated in order."""
+    offs = cache["offsets"]
+    rows = torch.cat([torch.arange(int(offs[i]), int(offs[i + 1])) for i in index.tolist()])
+    return cache["logp"][rows], cache["index"][rows]
+
+
+def slice_layers(model, keep: list[int]):
+    """A smaller model of the same architecture keeping these decoder layers (with the teacher's weights)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = base.config.num_hidden_layers
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or not keep or len(set(keep)) != len(keep):
+        raise TunelabError(f"layers to keep must be distinct indices in 0..{n - 1}, got {keep}", "--layers")
+    body = getattr(base, base.base_model_prefix)
+    layers = body.layers
+    student = copy.deepcopy(base)
+    sbody = getattr(student, student.base_model_prefix)
+    sbody.layers = torch.nn.ModuleList([copy.deepcopy(layers[i]) for i in keep])
+    for new_i, layer in enumerate(sbody.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_i  # the KV cache is indexed by position in the stack
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_i
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
