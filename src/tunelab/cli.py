@@ -308,7 +308,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     if is_run:
         run_cfg = load_config(target)
+        if run_cfg.task == "classification":
+            raise TunelabError("a classification run does not generate", str(target))
         model, tok = load_trained(target, run_cfg.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()  # the same outputs, faster
     else:
         model, tok = load_model(ModelConfig(name=args.target, device=args.device))
     items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg

@@ -38,3 +38,15 @@ def test_total_steps(tmp_path):
     assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=4"), 22) == 2
     assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.epochs=3", "train.grad_accum=4"), 22) == 5
     assert total_steps(_cfg(tmp_path, "train.max_steps=17", "train.epochs=3"), 22) == 17
+
+
+def test_weighted_examples_give_a_weighted_mean():
+    import torch
+
+    from tunelab.train.loop import supervised_weight
+
+    labels = torch.tensor([[-100, 5, 6, 7], [-100, -100, 8, -100]])
+    assert supervised_weight({"labels": labels}) == 4
+    assert supervised_weight({"labels": labels, "weight": torch.tensor([1.0, 1.0])}) == 4
+    # example 0 (3 supervised tokens) counts half, example 1 (1 token) not at all
+    assert supervised_weight({"labels": labels, "weight": torch.tensor([0.5, 0.0])}) == 1.5

@@ -80,7 +80,7 @@ def body_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     return torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest], dim=1)
 
 
-def length_groups(lengths: list[int], waste: float = 0.1) -> list[list[int]]:
+def length_groups(lengths: list[int], waste: float = 0.3) -> list[list[int]]:
     """Row indices in groups of similar length (shortest first): a group grows while its padding stays
     within ``waste`` of its real tokens, so most groups hold rows of one or two lengths."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))

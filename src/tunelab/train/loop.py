@@ -174,7 +174,17 @@ def objective(cfg: Config):
     """(loss_sum(model, batch, chunk), count(batch)): what a step minimises, and what it is normalised by."""
     if cfg.task == "classification":
         return classifier_loss_sum, lambda b: int(b["class_labels"].numel())
-    return causal_lm_loss_sum, lambda b: int((b["labels"][:, 1:] != -100).sum())
+    return causal_lm_loss_sum, supervised_weight
+
+
+def supervised_weight(batch: dict[str, torch.Tensor]) -> float:
+    """What a step's loss is divided by: its supervised tokens, each counted with its example's weight
+    (all 1 unless data.weight_field is set), so the loss is a weighted mean and a weight of 0 drops a token."""
+    sup = (batch["labels"][:, 1:] != -100)
+    w = batch.get("weight")
+    if w is None or bool((w == 1).all()):
+        return int(sup.sum())
+    return float((sup.float() * w[:, None]).sum())
 
 
 def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
@@ -375,6 +385,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                 micro.append(collate([train_ex[i] for i in idx], tok.pad_token_id))
                 micro[-1]["index"] = torch.tensor(idx)  # dataset indices (a distillation cache needs them)
             n_sup = sum(count(b) for b in micro)
+            if n_sup == 0:  # every example of the step has weight 0: nothing to learn from it
+                n_sup = 1
             n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
             loss_total = 0.0
             for b in micro:
