@@ -281,8 +281,22 @@ def base_model_view(model):
 
 
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
-    """Run a recipe end to end; returns the run directory."""
+    """Run a recipe end to end; returns the run directory. Under torchrun or accelerate launch, every
+    process runs this: data parallel (DDP), rank 0 writing the run directory."""
+    from .. import dist
+
+    d = dist.setup(cfg.model.device)
+    try:
+        return _train(cfg, resume, quiet or not d.main, d)
+    finally:
+        dist.teardown(d)
+
+
+def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     t_start = time.time()
+    if d.on and cfg.train.batch_size % d.world:
+        raise TunelabError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {d.world} "
+                           "processes (each takes an equal share of every micro-batch)", "train.batch_size")
     # ---- setup: everything that can fail on bad input happens before the run directory is touched
     run, resume_from = _prepare_run_dir(cfg, resume)
     torch.manual_seed(cfg.train.seed)
@@ -314,7 +328,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     before_path = run / "before.json"
     if resume_from is not None and before_path.exists():
         before = json.loads(before_path.read_text())
-    elif cfg.eval.before:
+    elif cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
             before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
@@ -331,7 +345,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     metrics_path = run / "metrics.jsonl"
     fingerprint = data_fingerprint(cfg, len(train_ex))
     if resume_from is None:
-        if run.exists():
+        d.barrier()  # every process has decided (from the directory as it was) before rank 0 changes it
+        if run.exists() and d.main:
             shutil.rmtree(run)
     else:
         saved, opt_state, rng, state = ckpt.load_checkpoint(resume_from)
@@ -351,17 +366,21 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
         ckpt.set_rng_state(rng)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped", 0)
         pos = Position(state["epoch"], state["batch"])
-        _truncate_metrics(metrics_path, step)
-        for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future, not to resume later
-            if s > step:
-                shutil.rmtree(later, ignore_errors=True)
+        d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
+        if d.main:
+            _truncate_metrics(metrics_path, step)
+            for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future
+                if s > step:
+                    shutil.rmtree(later, ignore_errors=True)
         say(f"resuming from {resume_from} (step {step} of {steps})", quiet)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    if resume_from is None or not (run / "data_stats.json").exists():
-        atomic.write_json(run / "data_stats.json", data_stats)
-    if before is not None and not before_path.exists():
-        atomic.write_json(before_path, before)
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        if resume_from is None or not (run / "data_stats.json").exists():
+            atomic.write_json(run / "data_stats.json", data_stats)
+        if before is not None and not before_path.exists():
+            atomic.write_json(before_path, before)
+    d.barrier()
 
     # ---- loop
     model.train()
@@ -372,7 +391,20 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     loss_fn, count = objective(cfg)
     if kd_loss is not None:
         loss_fn = kd_loss
-    with StopRequest() as stop, open(metrics_path, "a") as metrics:
+    forward = lambda b, chunk: loss_fn(model, b, chunk)  # noqa: E731
+    sync = contextlib.nullcontext
+    if d.on:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from ..dist import LossModule
+
+        ddp = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+        forward, sync = ddp, ddp.no_sync  # gradients are all-reduced on the last micro-step only
+        say(f"data parallel over {d.world} processes: each takes {cfg.train.batch_size // d.world} rows of every "
+            "micro-batch", quiet)
+    metrics_file = open(metrics_path, "a") if d.main else contextlib.nullcontext(None)
+    with StopRequest() as stop, metrics_file as metrics:
         while step < steps:
             t0 = time.time()
             lr = cfg.train.lr * lr_factor(step, steps, cfg.train.warmup_steps, cfg.train.schedule,
@@ -380,24 +412,30 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = []
+            n_sup, n_tok = 0, 0
             for _ in range(cfg.train.grad_accum):
                 pos, idx = next(stream)
-                micro.append(collate([train_ex[i] for i in idx], tok.pad_token_id))
-                micro[-1]["index"] = torch.tensor(idx)  # dataset indices (a distillation cache needs them)
-            n_sup = sum(count(b) for b in micro)
+                whole = collate([train_ex[i] for i in idx], tok.pad_token_id)  # the global micro-batch
+                n_sup += count(whole)  # the step's loss is normalised over every process's rows
+                n_tok += int(whole["attention_mask"].sum())
+                mine = d.shard(idx) if d.on else idx
+                b = whole if not d.on else collate([train_ex[i] for i in mine], tok.pad_token_id)
+                b["index"] = torch.tensor(mine)  # dataset indices (a distillation cache needs them)
+                micro.append(b)
             if n_sup == 0:  # every example of the step has weight 0: nothing to learn from it
                 n_sup = 1
-            n_tok = sum(int(b["attention_mask"].sum()) for b in micro)
             loss_total = 0.0
-            for b in micro:
-                b = {k: v.to(device) for k, v in b.items()}
-                loss_sum, _ = loss_fn(model, b, cfg.train.loss_chunk)
-                if faults.active("nan-loss", step + 1):
-                    loss_sum = loss_sum * float("nan")
-                (loss_sum / n_sup).backward()
+            for k, b in enumerate(micro):
+                b = {key: v.to(device) for key, v in b.items()}
+                with sync() if k < len(micro) - 1 else contextlib.nullcontext():
+                    loss_sum, _ = forward(b, cfg.train.loss_chunk)
+                    if faults.active("nan-loss", step + 1):
+                        loss_sum = loss_sum * float("nan")
+                    # DDP averages gradients over the processes: scale by their number to get the sum
+                    (loss_sum * d.world / n_sup).backward()
                 loss_total += float(loss_sum.detach())
             faults.point("kill-step", step + 1)
-            loss = loss_total / n_sup
+            loss = d.sum(loss_total) / n_sup
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # inf: measure, don't clip
             finite = math.isfinite(loss) and math.isfinite(gnorm)
@@ -421,7 +459,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                                    "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
             if not finite:
                 rec.update(loss=None, grad_norm=None, skipped=True)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps and d.main:
                 if val_ex:
                     rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
                                                             cfg.train.loss_chunk, loss_fn), 6)
@@ -432,27 +470,33 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
                     rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
                                                             cfg.eval.batch_size,
                                                             stop_ids=stop_ids(cfg, tok))["exact_match"]
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", skipped=skipped)
             if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
                 extra = "".join(f" {k} {rec[k]:.4f}" for k in ("val_loss", "exact_match", "accuracy") if k in rec)
                 say(f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} grad_norm {gnorm:.3f} "
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
-            stopping = stop.signal is not None  # read once: a signal may arrive at any moment
+            stopping = d.any(stop.signal is not None)  # read once, agreed by every process
             if step == steps or stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
-                                     {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
-                                      "tokens_seen": tokens_seen, "skipped": skipped,
-                                      "data_fingerprint": fingerprint},
-                                     cfg.train.keep_checkpoints)
+                if d.main:
+                    ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
+                                         {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
+                                          "tokens_seen": tokens_seen, "skipped": skipped,
+                                          "data_fingerprint": fingerprint, "processes": d.world},
+                                         cfg.train.keep_checkpoints)
+                d.barrier()
             if stopping and step < steps:
                 bar.close()
-                raise Interrupted(f"stopped by {stop.signal} after step {step} of {steps}; a checkpoint was "
-                                  "written: continue with --resume", str(run))
+                raise Interrupted(f"stopped by {stop.signal or 'a signal to another process'} after step {step} "
+                                  f"of {steps}; a checkpoint was written: continue with --resume", str(run))
     bar.close()
     train_time = time.time() - t_loop
+    if not d.main:  # rank 0 saves and evaluates
+        d.barrier()
+        return run
 
     # ---- save and evaluate
     if cfg.output.save_model:
@@ -476,6 +520,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
               (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
     atomic.write_json(run / "eval.json", result)
     say(f"run directory: {run}", quiet)
+    d.barrier()
     return run
 
 

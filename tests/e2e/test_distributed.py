@@ -1,0 +1,81 @@
+"""Several processes (torchrun, gloo on the CPU): the same global batch on 1 and 2 processes gives the same
+losses and weights, and a killed 2-process run resumes to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tunelab, write_recipe
+from safetensors.torch import load_file
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tunelab.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def recipe(tmp_path: Path, tiny_model: Path, names_file: Path, mode: str, out: str) -> Path:
+    lr = 5e-3 if mode == "lora" else 1e-3
+    return write_recipe(tmp_path / f"{out}.yaml", tiny_model, names_file,
+                        train={"mode": mode, "max_steps": 6, "batch_size": 8, "grad_accum": 2, "lr": lr,
+                               "log_every": 1, "checkpoint_every": 3},
+                        eval={"before": False, "generate": False}, output={"dir": str(tmp_path / out)})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    f = run / "adapter" / "adapter_model.safetensors"
+    return load_file(str(f if f.exists() else run / "model" / "model.safetensors"))
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same(a: Path, b: Path) -> None:
+    assert losses(b) == pytest.approx(losses(a), abs=1e-5)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_two_processes_match_one(tmp_path, tiny_model, names_file, mode):
+    tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, mode, "one")))
+    proc = torchrun("train", str(recipe(tmp_path, tiny_model, names_file, mode, "two")))
+    assert "data parallel over 2 processes" in proc.stderr
+    assert_same(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "eval.json").read_text())["steps"] == 6
+
+
+def test_a_killed_two_process_run_resumes(tmp_path, tiny_model, names_file):
+    tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, "lora", "one")))
+    r = recipe(tmp_path, tiny_model, names_file, "lora", "two")
+    killed = torchrun("train", str(r), env={"TUNELAB_FAULT": "kill-step:5"}, check=False)
+    assert killed.returncode != 0
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-3"]
+    proc = torchrun("train", str(r), "--resume")
+    assert "(step 3 of 6)" in proc.stderr
+    assert_same(tmp_path / "one", tmp_path / "two")
+    # resuming with another number of processes: the data position is global, so it continues exactly
+    r1 = recipe(tmp_path, tiny_model, names_file, "lora", "three")
+    torchrun("train", str(r1), env={"TUNELAB_FAULT": "kill-step:5"}, check=False)
+    tunelab("train", str(r1), "--resume")
+    assert_same(tmp_path / "one", tmp_path / "three")
+
+
+def test_batch_must_divide_among_the_processes(tmp_path, tiny_model, names_file):
+    r = recipe(tmp_path, tiny_model, names_file, "lora", "odd")
+    proc = torchrun("--quiet", "train", str(r), "train.batch_size=7", check=False)
+    assert proc.returncode != 0 and "must be a multiple of the 2 processes" in proc.stderr
