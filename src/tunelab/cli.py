@@ -232,8 +232,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     system = args.system
+    stop_token = None
     if target.is_dir() and (target / "config.yaml").exists():
         cfg = load_config(target)
+        cfg.model.device = args.device
+        stop_token = cfg.chat.stop if cfg.task == "chat" else None
         if cfg.task == "classification":
             raise TunelabError("a classification run does not generate: use tunelab predict", str(target))
         model, tok = load_trained(target, cfg.model)
@@ -245,7 +248,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise TunelabError("give a run directory or a model (name, alias or directory), not a recipe", str(target))
         model, tok = load_model(ModelConfig(name=args.target, device=args.device))
         template = args.template or "auto"
-    tmpl = chat.resolve_template(template, tok)
+    tmpl = chat.resolve_template(template, tok, stop_token)
     stop = chat._single_token(tok, tmpl.stop) if tmpl.stop else None
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -291,8 +294,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.recipe is None) == (args.input is None):
         raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template) or --input FILE",
                            "generate")
-    if args.n < 1 or args.max_new_tokens < 1:
-        raise TunelabError("--n and --max-new-tokens must be at least 1", "generate")
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise TunelabError("--n, --max-new-tokens and --batch-size must be at least 1", "generate")
+    if args.verifier and args.critic:
+        raise TunelabError("give one critic: --verifier or --critic, not both", "generate")
+    if args.input and (args.overrides or args.split != "train"):
+        raise TunelabError("key=value overrides and --split apply to --recipe, not to --input", "generate")
     if args.n > 1 and args.temperature <= 0:
         raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
     if args.min_score is not None and not (args.verifier or args.critic):
@@ -308,6 +315,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     if is_run:
         run_cfg = load_config(target)
+        run_cfg.model.device = args.device
         if run_cfg.task == "classification":
             raise TunelabError("a classification run does not generate", str(target))
         model, tok = load_trained(target, run_cfg.model)

@@ -509,6 +509,8 @@ def _check(cfg: Config, loc: _Located) -> None:
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
+    need(d.weight_field is None or cfg.task != "classification", "data.weight_field",
+         "example weights are for generation and chat tasks")
     k = cfg.kd
     if k.teacher is not None or k.cache is not None:
         need(cfg.task in ("generation", "chat"), "kd.teacher", "distillation is for generation and chat tasks")

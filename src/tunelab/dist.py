@@ -7,6 +7,7 @@ the plain single-process case: every helper here is then a no-op.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where collective tensors live: NCCL reduces CUDA tensors only
 
     @property
     def main(self) -> bool:
@@ -35,7 +37,7 @@ class Dist:
     def sum(self, value: float) -> float:
         if not self.on:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
 
@@ -58,8 +60,9 @@ def setup(device: str) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(hours=2))  # rank 0 alone evaluates and saves
+    return Dist(rank, world, local, f"cuda:{local}" if cuda else "cpu")
 
 
 def teardown(d: Dist) -> None:

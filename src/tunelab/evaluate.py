@@ -26,6 +26,7 @@ def validation_loss(model, examples: list[Example], pad_id: int, batch_size: int
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for s in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
+        batch.pop("weight")  # validation loss is the plain mean over tokens, whatever the training weights
         batch = {k: v.to(device) for k, v in batch.items()}
         loss_sum, k = loss_fn(model, batch, chunk)
         total += float(loss_sum)

@@ -61,14 +61,28 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     else:
         model, tok = load_model(ModelConfig(name=kd.teacher, dtype=dtype, device=dev))
     vocab = check_vocab(student_tok, tok)
+    from .train.forward import split_head
+
+    if split_head(model) is None:
+        raise TunelabError("this teacher's logits are not head(hidden states) (logit scaling or soft-capping): "
+                           "token-level distillation does not support it", "kd.teacher")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, vocab
 
 
-def examples_fingerprint(examples) -> str:
+def examples_fingerprint(examples, teacher: str = "") -> str:
+    """The data (tokens and masks) and the teacher (its name and, for a local directory, the size and
+    modification time of every weights file in it) a cache was computed for."""
     h = hashlib.sha256()
+    h.update(teacher.encode())
+    root = Path(teacher)
+    if root.is_dir():
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
     for e in examples:
         h.update(json.dumps([e.input_ids, e.labels]).encode())
     return h.hexdigest()[:16]
@@ -108,7 +122,7 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
 
     kd = cfg.kd
     path = Path(kd.cache)
-    fp = examples_fingerprint(examples)
+    fp = examples_fingerprint(examples, str(kd.teacher))
     if path.exists():
         try:
             with safe_open(str(path), "pt") as f:
@@ -117,8 +131,8 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
         except Exception as e:  # not a safetensors file, truncated, ...
             raise TunelabError(f"not a teacher cache ({type(e).__name__})", str(path)) from None
         if meta.get("fingerprint") != fp or int(meta.get("examples", -1)) != len(examples):
-            raise TunelabError("the cached teacher log-probabilities were computed for other data (or another "
-                               "tokenizer or template): delete the file or point kd.cache elsewhere", str(path))
+            raise TunelabError("the cached teacher log-probabilities were computed for other data or another "
+                               "teacher: delete the file or point kd.cache elsewhere", str(path))
         if int(meta.get("top_k", -1)) != min(kd.top_k, len(student_tok)):
             raise TunelabError(f"the cache holds top-{meta.get('top_k')} log-probabilities, the recipe asks for "
                                f"kd.top_k={kd.top_k}", str(path))
@@ -151,8 +165,11 @@ def slice_layers(model, keep: list[int]):
     bad = [i for i in keep if not 0 <= i < n]
     if bad or not keep or len(set(keep)) != len(keep):
         raise TunelabError(f"layers to keep must be distinct indices in 0..{n - 1}, got {keep}", "--layers")
-    body = getattr(base, base.base_model_prefix)
-    layers = body.layers
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TunelabError(f"cannot cut layers from {type(base).__name__}: its decoder layers are not "
+                           "model.layers (Llama-style models are supported)", "student")
     student = copy.deepcopy(base)
     sbody = getattr(student, student.base_model_prefix)
     sbody.layers = torch.nn.ModuleList([copy.deepcopy(layers[i]) for i in keep])

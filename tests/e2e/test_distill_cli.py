@@ -44,8 +44,10 @@ def test_token_level_kd_live_and_cached(tmp_path, tiny_model, names_file, teache
     kd = {"teacher": str(teacher_run), "alpha": 0.5, "temperature": 2.0}
     live = write_recipe(tmp_path / "live.yaml", tmp_path / "student", names_file, **base, kd=kd,
                         output={"dir": str(tmp_path / "live")})
-    proc = tunelab("train", str(live))
+    proc = tunelab("train", str(live), "train.eval_every=2")
     assert "distilling from" in proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_loss" in rows[1]  # validation mid-run is the plain cross-entropy, as at the end
     cache = tmp_path / "teacher.topk.safetensors"
     cached = write_recipe(tmp_path / "cached.yaml", tmp_path / "student", names_file, **base,
                           kd={**kd, "cache": str(cache), "top_k": 400}, output={"dir": str(tmp_path / "cached")})
@@ -70,6 +72,10 @@ def test_token_level_kd_live_and_cached(tmp_path, tiny_model, names_file, teache
                   check=False)
     assert bad.returncode == 2 and "computed for other data" in bad.stderr
     assert not (tmp_path / "x").exists()
+    # and so is a cache computed with another teacher
+    other = tunelab("--quiet", "train", str(cached), f"kd.teacher={tiny_model}", f"output.dir={tmp_path / 'y'}",
+                    check=False)
+    assert other.returncode == 2 and "or another teacher" in other.stderr
 
 
 def test_sequence_level_and_augmented_teacher(tmp_path, tiny_model, names_file, teacher_run):

@@ -75,6 +75,18 @@ def test_a_killed_two_process_run_resumes(tmp_path, tiny_model, names_file):
     assert_same(tmp_path / "one", tmp_path / "three")
 
 
+def test_a_short_last_batch_leaves_a_process_without_rows(tmp_path, tiny_model, names_file):
+    """361 training names in batches of 8: one batch of the epoch has a single row, for one process only."""
+    def r(out):
+        return write_recipe(tmp_path / f"{out}.yaml", tiny_model, names_file,
+                            data={"validation_size": 39}, train={"max_steps": 24, "batch_size": 8, "grad_accum": 2,
+                                                                 "lr": 5e-3, "log_every": 1},
+                            eval={"before": False, "generate": False}, output={"dir": str(tmp_path / out)})
+    tunelab("--quiet", "train", str(r("one")))
+    torchrun("train", str(r("two")))
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
 def test_batch_must_divide_among_the_processes(tmp_path, tiny_model, names_file):
     r = recipe(tmp_path, tiny_model, names_file, "lora", "odd")
     proc = torchrun("--quiet", "train", str(r), "train.batch_size=7", check=False)

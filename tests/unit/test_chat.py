@@ -122,6 +122,14 @@ def test_train_on_last_and_all(tok):
     assert every.labels == every.input_ids
 
 
+def test_example_weights_from_a_field(tok):
+    (ex,), _ = encode(tok, [{"messages": CONV, "score": 0.25}], template="chatml")
+    assert ex.weight == 1.0
+    recs = [Record({"messages": CONV, "score": 0.25}, "chat.jsonl:1")]
+    (w,), _ = encode_chat(recs, tok, DataConfig(weight_field="score"), ChatConfig(template="chatml"), "train")
+    assert w.weight == 0.25
+
+
 def test_system_modes(tok):
     rec = {"messages": CONV}
     (kept,), _ = encode(tok, [rec], template="chatml", system="Default.")

@@ -162,7 +162,7 @@ def detect_format(fields: dict, where: str) -> str:
             return fmt
     raise TunelabError("not a conversation: expected a field messages (OpenAI), conversations (ShareGPT), "
                        "conversation (LMSYS-Chat-1M) or question/response (OpenOrca); set chat.format and "
-                       "chat.field for other names", where)
+                       "chat.column for other names", where)
 
 
 def to_messages(fields: dict, fmt: str, field: str | None, where: str) -> list[dict]:

@@ -293,7 +293,7 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         last_user = msgs[last - 1]["content"] if last and msgs[last - 1]["role"] == "user" else ""
         out.append(Example(ids, labels, seg.prompt_text, seg.answer, r.where, record=r.fields,
-                           prompt_len=prompt_len, shown=last_user))
+                           prompt_len=prompt_len, shown=last_user, weight=example_weight(r.fields, cfg, r.where)))
         stats.lengths.append(len(ids))
         stats.supervised.append(sum(label != IGNORE for label in labels))
     stats.kept = len(out)

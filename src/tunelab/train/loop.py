@@ -153,6 +153,8 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
     key = {"data": dataclasses.asdict(cfg.data), "task": cfg.task, "classify": dataclasses.asdict(cfg.classify),
            "seed": cfg.train.seed, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
            "n_train": n_train, "model": cfg.model.name}
+    if cfg.task == "chat":  # the template, system prompt and train_on decide the tokens and their masks
+        key["chat"] = dataclasses.asdict(cfg.chat)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -419,11 +421,15 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 n_sup += count(whole)  # the step's loss is normalised over every process's rows
                 n_tok += int(whole["attention_mask"].sum())
                 mine = d.shard(idx) if d.on else idx
+                empty = not mine  # the short last batch of an epoch may leave a process without rows
+                mine = mine or idx[:1]
                 b = whole if not d.on else collate([train_ex[i] for i in mine], tok.pad_token_id)
+                if empty:  # it still takes part in the gradient all-reduce, contributing nothing
+                    b["weight"] = torch.zeros(len(mine))
                 b["index"] = torch.tensor(mine)  # dataset indices (a distillation cache needs them)
                 micro.append(b)
-            if n_sup == 0:  # every example of the step has weight 0: nothing to learn from it
-                n_sup = 1
+            nothing = n_sup == 0  # every example of the step has weight 0: nothing to learn from it
+            n_sup = n_sup or 1
             loss_total = 0.0
             for k, b in enumerate(micro):
                 b = {key: v.to(device) for key, v in b.items()}
@@ -443,7 +449,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 more = (f" ({skipped_in_a_row} steps in a row skipped before it)" if skipped_in_a_row else "")
                 raise TunelabError(f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}{more}; "
                                    "no checkpoint was written for it (try a lower train.lr)", "train")
-            if finite:
+            if finite and not nothing:
                 opt.step()
                 skipped_in_a_row = 0
             else:  # train.nonfinite=skip: no update from this batch, counted
@@ -462,7 +468,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps and d.main:
                 if val_ex:
                     rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
-                                                            cfg.train.loss_chunk, loss_fn), 6)
+                                                            cfg.train.loss_chunk, objective(cfg)[0]), 6)
                 if cfg.eval.during_training and cfg.task == "classification" and eval_ex:
                     rec["accuracy"] = classification_metrics(model, eval_ex, labels, tok.pad_token_id,
                                                              cfg.eval.batch_size)["accuracy"]
@@ -494,8 +500,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                                   f"of {steps}; a checkpoint was written: continue with --resume", str(run))
     bar.close()
     train_time = time.time() - t_loop
-    if not d.main:  # rank 0 saves and evaluates
-        d.barrier()
+    if not d.main:  # rank 0 saves and evaluates; the others are done
         return run
 
     # ---- save and evaluate
@@ -520,7 +525,6 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
               (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
     atomic.write_json(run / "eval.json", result)
     say(f"run directory: {run}", quiet)
-    d.barrier()
     return run
 
 
