@@ -395,6 +395,16 @@ def cmd_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_axes, run_sweep
+
+    axes = parse_axes(args.over)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.recipe).stem}"
+    run_sweep(args.recipe, args.overrides, axes, out, quiet=args.quiet)
+    print(f"sweep table: {out / 'sweep.md'}", file=sys.stderr)
+    return 0
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("TUNELAB_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
@@ -503,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--layers", help="or exactly these layers, comma-separated (0-based)")
     st.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     st.set_defaults(func=cmd_student)
+
+    sw = sub.add_parser("sweep", help="run a recipe over a grid of values, resumable, into one table",
+                        epilog=EPILOG)
+    sw.add_argument("recipe")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    sw.add_argument("--over", action="append", default=[], metavar="KEY=V1,V2",
+                    help="an axis of the grid (repeat for more axes)")
+    sw.add_argument("--out", help="directory of the sweep (default runs/sweep-<recipe>)")
+    sw.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)

@@ -34,6 +34,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     allow_pickle: bool = False  # load pickle weights (.bin/.pt), which can run code: only for files you trust
+    init: str = field(default="pretrained", metadata=_choices("pretrained", "random"))  # random: same config,
+    init_seed: int = 0  # fresh weights (seeded): pre-training's value, measured
 
 
 @dataclass

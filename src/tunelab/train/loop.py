@@ -152,7 +152,7 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
 
     key = {"data": dataclasses.asdict(cfg.data), "task": cfg.task, "classify": dataclasses.asdict(cfg.classify),
            "seed": cfg.train.seed, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-           "n_train": n_train, "model": cfg.model.name}
+           "n_train": n_train, "model": cfg.model.name, "init": [cfg.model.init, cfg.model.init_seed]}
     if cfg.task == "chat":  # the template, system prompt and train_on decide the tokens and their masks
         key["chat"] = dataclasses.asdict(cfg.chat)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -512,7 +512,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     result = _without_samples(after)
     result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
                    "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
-                   "total_parameters": n_total, "skipped_steps": skipped})
+                   "total_parameters": n_total, "skipped_steps": skipped, "peak_rss_mb": peak_rss_mb()})
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if before is not None:
         result["before"] = _without_samples(before)
     if "samples" in after:
@@ -526,6 +528,13 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     atomic.write_json(run / "eval.json", result)
     say(f"run directory: {run}", quiet)
     return run
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def output_name(cfg: Config) -> str:
