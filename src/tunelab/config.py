@@ -96,6 +96,9 @@ class TrainConfig:
     resume: str | bool = "never"  # never | auto | path to a checkpoint directory (true: auto, false: never)
     loss_chunk: int = 2048  # supervised positions per lm_head chunk
     nonfinite: str = field(default="stop", metadata=_choices("stop", "skip"))  # a NaN/inf loss or grad norm
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    best_metric: str = field(default="val_loss", metadata=_choices("val_loss", "exact_match", "accuracy"))
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
 
 
 @dataclass
@@ -481,6 +484,11 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
     for k in ("log_every", "eval_every", "checkpoint_every"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be non-negative")
+    if t.early_stopping_patience is not None:
+        need(t.early_stopping_patience >= 1, "train.early_stopping_patience", "must be at least 1")
+        need(t.eval_every > 0, "train.eval_every", "early stopping needs periodic evaluation: set train.eval_every")
+        need(t.best_metric == "val_loss" or cfg.eval.during_training, "eval.during_training",
+             f"train.best_metric={t.best_metric} is measured during training only with eval.during_training=true")
     need(t.mode != "freeze" or bool(t.trainable), "train.trainable",
          "mode=freeze needs at least one parameter-name pattern to train")
     if t.resume is False or t.resume in ("false", "False", "no"):

@@ -97,6 +97,8 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
         "config: negative learning rate": (lambda: c.train("train.lr=-1"), "train.lr: must be positive"),
         "config: override without =": (lambda: c.train("train.lr"), "expected key=value, got 'train.lr'"),
         "config: recipe not found": (lambda: ["train", str(c.tmp / "nope.yaml")], "nope.yaml: recipe not found"),
+        "config: early stopping without evaluations": (
+            lambda: c.train("train.early_stopping_patience=3"), "train.eval_every: early stopping needs periodic"),
         "config: duplicate class names": (lambda: c.classify(labels=["1", "1"]), "classify.labels: has duplicates"),
         # ---- data files
         "data: missing file": (lambda: c.train(names=c.tmp / "nope.txt"), "nope.txt: data file not found"),

@@ -208,3 +208,22 @@ def test_resume_refuses_other_data_and_resumes_a_path_into_a_new_directory(tmp_p
     # resuming an older checkpoint of the same run drops the later, abandoned ones
     tunelab("train", str(recipe), f"train.resume={run / 'checkpoints' / 'step-4'}", "train.keep_checkpoints=1")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, names_file):
+    # min_delta is so large that nothing after the first evaluation counts as better: stop after 2 more
+    r = write_recipe(tmp_path / "es.yaml", tiny_model, names_file,
+                     train={"max_steps": 10, "eval_every": 1, "early_stopping_patience": 2, "min_delta": 100.0,
+                            "log_every": 1},
+                     eval={"before": False, "generate": False})
+    proc = tunelab("train", str(r))
+    assert "early stopping at step 3" in proc.stderr
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["stopped_early_at"] == 3 and ev["best_step"] == 1 and ev["best_metric"] == "val_loss"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    best = load_file(str(tmp_path / "run" / "best" / "trainable.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert len(best) == len(saved)
+    for k, v in best.items():  # the adapter written is the best one (step 1), not the last
+        assert torch.equal(saved[k.replace(".default", "")], v), k

@@ -244,3 +244,20 @@ def test_lr_min_ratio():
 def test_lr_unknown_schedule():
     with pytest.raises(ValueError, match="bogus"):
         lr_factor(5, 10, 0, "bogus")
+
+
+def test_early_stopping_on_a_scripted_metric_sequence():
+    from tunelab.train.objectives import EarlyStopping
+
+    es = EarlyStopping(patience=2, mode="min")
+    seq = [(10, 2.0), (20, 1.5), (30, 1.6), (40, 1.4), (50, 1.45), (60, 1.41), (70, 1.0)]
+    stopped = next(step for step, v in seq if es.update(step, v))
+    assert stopped == 60 and es.best == 1.4 and es.best_step == 40  # 1.45, 1.41: two evaluations without gain
+    acc = EarlyStopping(patience=1, mode="max", min_delta=0.01)
+    assert not acc.update(1, 0.50)
+    assert not acc.update(2, 0.60)
+    assert acc.update(3, 0.605)  # not better by more than min_delta
+    assert acc.best_step == 2
+    again = EarlyStopping(patience=1, mode="max", min_delta=0.01)
+    again.load(acc.state())
+    assert again.state() == acc.state()

@@ -35,7 +35,7 @@ from ..evaluate import before_after_table, classification_metrics, format_confus
 from ..models import load_model, load_tokenizer, resolve_model_path
 from . import checkpoint as ckpt
 from .forward import causal_lm_loss_sum
-from .objectives import lr_factor
+from .objectives import EarlyStopping, lr_factor
 from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
 
 log = logging.getLogger("tunelab")
@@ -344,6 +344,11 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     # ---- run directory (fresh or resumed)
     step, pos, tokens_seen, skipped = 0, Position(), 0, 0
     skipped_in_a_row = 0
+    stopper = None
+    if cfg.train.early_stopping_patience is not None:
+        stopper = EarlyStopping(cfg.train.early_stopping_patience,
+                                "min" if cfg.train.best_metric == "val_loss" else "max", cfg.train.min_delta)
+    stopped_early = None
     metrics_path = run / "metrics.jsonl"
     fingerprint = data_fingerprint(cfg, len(train_ex))
     if resume_from is None:
@@ -367,6 +372,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         opt.load_state_dict(opt_state)
         ckpt.set_rng_state(rng)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped", 0)
+        if stopper is not None:
+            stopper.load(state.get("early_stopping", {}))
         pos = Position(state["epoch"], state["batch"])
         d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
         if d.main:
@@ -465,7 +472,10 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                                    "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
             if not finite:
                 rec.update(loss=None, grad_norm=None, skipped=True)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps and d.main:
+            evaluating = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and (
+                step < steps or stopper is not None)
+            stop_now = False
+            if evaluating and d.main:
                 if val_ex:
                     rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
                                                             cfg.train.loss_chunk, objective(cfg)[0]), 6)
@@ -476,6 +486,15 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
                                                             cfg.eval.batch_size,
                                                             stop_ids=stop_ids(cfg, tok))["exact_match"]
+                if stopper is not None and rec.get(cfg.train.best_metric) is not None:
+                    value = rec[cfg.train.best_metric]
+                    if stopper.improved(value):  # the best weights so far, kept apart from the rolling checkpoints
+                        best = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
+                        atomic.write_dir(run / "best", lambda p, b=best, s=step, v=value: _write_best(p, b, s, v, cfg))
+                    stop_now = stopper.update(step, value)
+                    rec["best_step"] = stopper.best_step
+            if evaluating and stopper is not None:
+                stop_now = d.any(stop_now)  # every process stops at the same step
             if metrics is not None:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -491,9 +510,16 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
                                          {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
                                           "tokens_seen": tokens_seen, "skipped": skipped,
-                                          "data_fingerprint": fingerprint, "processes": d.world},
+                                          "data_fingerprint": fingerprint, "processes": d.world,
+                                          "early_stopping": stopper.state() if stopper else {}},
                                          cfg.train.keep_checkpoints)
                 d.barrier()
+            if stop_now and step < steps:
+                stopped_early = step
+                if d.main:
+                    say(f"early stopping at step {step}: no {cfg.train.best_metric} improvement in "
+                        f"{stopper.patience} evaluations (best at step {stopper.best_step}: {stopper.best:.4f})", quiet)
+                break
             if stopping and step < steps:
                 bar.close()
                 raise Interrupted(f"stopped by {stop.signal or 'a signal to another process'} after step {step} "
@@ -502,6 +528,15 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     train_time = time.time() - t_loop
     if not d.main:  # rank 0 saves and evaluates; the others are done
         return run
+    if stopper is not None and (run / "best" / "trainable.safetensors").exists():
+        from safetensors.torch import load_file
+
+        named = dict(model.named_parameters())
+        with torch.no_grad():  # the model saved and evaluated is the best one seen
+            for k, v in load_file(str(run / "best" / "trainable.safetensors")).items():
+                named[k].copy_(v.to(named[k].device))
+        say(f"restored the best weights (step {stopper.best_step}, {cfg.train.best_metric} {stopper.best:.4f})",
+            quiet)
 
     # ---- save and evaluate
     if cfg.output.save_model:
@@ -513,6 +548,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
                    "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
                    "total_parameters": n_total, "skipped_steps": skipped, "peak_rss_mb": peak_rss_mb()})
+    if stopper is not None:
+        result.update(best_step=stopper.best_step, best_value=stopper.best, best_metric=cfg.train.best_metric,
+                      stopped_early_at=stopped_early)
     if device.type == "cuda":
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if before is not None:
@@ -528,6 +566,13 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     atomic.write_json(run / "eval.json", result)
     say(f"run directory: {run}", quiet)
     return run
+
+
+def _write_best(path: Path, params: dict[str, torch.Tensor], step: int, value: float, cfg: Config) -> None:
+    from safetensors.torch import save_file
+
+    save_file(params, str(path / "trainable.safetensors"))
+    (path / "best.json").write_text(json.dumps({"step": step, cfg.train.best_metric: value}))
 
 
 def peak_rss_mb() -> float:

@@ -89,3 +89,36 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_ratio + (1.0 - min_ratio) * decay
 
+
+
+class EarlyStopping:
+    """Patience on a validation metric: ``update`` returns True when training should stop.
+
+    ``mode`` "min" (a loss) or "max" (an accuracy). An evaluation improves on the best so far when it is
+    strictly better by more than ``min_delta``; after ``patience`` evaluations in a row without
+    improvement, stop. ``best`` and ``best_step`` say which evaluation was the best.
+    """
+
+    def __init__(self, patience: int, mode: str = "min", min_delta: float = 0.0) -> None:
+        self.patience, self.mode, self.min_delta = patience, mode, min_delta
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad = 0
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+
+    def update(self, step: int, value: float) -> bool:
+        if self.improved(value):
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def load(self, state: dict) -> None:
+        self.best, self.best_step, self.bad = state.get("best"), state.get("best_step"), state.get("bad", 0)
