@@ -249,7 +249,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model, tok = load_model(ModelConfig(name=args.target, device=args.device))
         template = args.template or "auto"
     tmpl = chat.resolve_template(template, tok, stop_token)
-    stop = chat._single_token(tok, tmpl.stop) if tmpl.stop else None
+    stop = chat.stop_id(tmpl, tok)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     interactive = sys.stdin.isatty()
@@ -276,7 +276,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         (reply,), = generate(model, tok, [ids], max_new_tokens=args.max_new_tokens, batch_size=1,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                             stop_ids=[stop] if stop is not None else None)
+                             stop_ids=[stop])
         reply = reply.strip()
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)

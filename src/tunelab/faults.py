@@ -14,6 +14,7 @@ Nothing here does anything unless the variable is set; tunelab never sets it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 
@@ -26,7 +27,9 @@ def _parse(spec: str) -> list[tuple[str, int, int | None]]:
     return out
 
 
+@functools.cache
 def _faults() -> list[tuple[str, int, int | None]]:
+    """Read once: the training loop asks at every step."""
     spec = os.environ.get("TUNELAB_FAULT")
     return _parse(spec) if spec else []
 

@@ -55,8 +55,7 @@ def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptI
         tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
         items = []
         for r in records:
-            msgs = chat.apply_system(chat.to_messages(r.fields, cfg.chat.format, cfg.chat.column, r.where),
-                                     cfg.chat.system, cfg.chat.system_mode)
+            msgs = chat.conversation(r.fields, cfg.chat, r.where)
             last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
             text = chat.render(tmpl, msgs[:last], True, tok, r.where)
             items.append(PromptItem(r.fields, tok(text, add_special_tokens=False)["input_ids"], r.where))

@@ -96,6 +96,16 @@ def resolve_template(spec: str, tok, stop: str | None = None) -> ChatTemplate:
     return tmpl
 
 
+def stop_id(tmpl: ChatTemplate, tok) -> int:
+    """The end-of-turn token's id (resolve_template has checked that it is one token)."""
+    return _single_token(tok, tmpl.stop)
+
+
+def conversation(fields: dict, ccfg, where: str) -> list[dict]:
+    """A record's messages, with the recipe's system prompt applied (``ccfg``: the chat section)."""
+    return apply_system(to_messages(fields, ccfg.format, ccfg.column, where), ccfg.system, ccfg.system_mode)
+
+
 _ENV = None
 
 

@@ -252,12 +252,11 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
     from . import chat
 
     tmpl = chat.resolve_template(ccfg.template, tok, ccfg.stop)
-    stop_id = chat._single_token(tok, tmpl.stop) if tmpl.stop else None
+    stop_id = chat.stop_id(tmpl, tok)
     stats = EncodeStats(total=len(records))
     out = []
     for r in records:
-        msgs = chat.apply_system(chat.to_messages(r.fields, ccfg.format, ccfg.column, r.where), ccfg.system,
-                                 ccfg.system_mode)
+        msgs = chat.conversation(r.fields, ccfg, r.where)
         chat.check_roles(msgs, r.where)
         empty = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()]
         if empty:

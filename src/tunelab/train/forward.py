@@ -135,13 +135,25 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048,
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
     body, head = parts
+
+    def group_loss(idx, ids, mask, labels, cut, weight):
+        hidden = pad_last(body_hidden(body, ids, mask, share_prefix), cut)
+        return supervised_ce_sum(hidden, labels, head, weight, chunk)
+
+    return sum_over_groups(batch, head, group_loss, regroup)
+
+
+def sum_over_groups(batch: dict[str, torch.Tensor], head: nn.Module, group_loss, regroup: bool = True
+                    ) -> tuple[torch.Tensor, int]:
+    """Sum of ``group_loss(idx, ids, mask, labels, cut, weight)`` over the batch's row groups (see
+    row_groups), with each group's example weights; a batch with nothing to compute gives a zero that
+    still belongs to the graph (of ``head``'s parameters)."""
     weight = batch.get("weight")
     total: torch.Tensor | None = None
     count = 0
     for idx, ids, mask, labels, cut in row_groups(batch, regroup):
-        hidden = pad_last(body_hidden(body, ids, mask, share_prefix), cut)
         w = weight if weight is None or idx is None else weight[idx]
-        s, n = supervised_ce_sum(hidden, labels, head, w, chunk)
+        s, n = group_loss(idx, ids, mask, labels, cut, w)
         total = s if total is None else total + s
         count += n
     if total is None:

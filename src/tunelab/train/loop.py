@@ -211,7 +211,7 @@ def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: 
     """loss_fn(model, batch, chunk) for token-level KD against a live teacher or its top-k cache."""
     from ..teacher import cached_rows, load_or_build_cache, load_teacher
     from .distill import kd_loss_sum
-    from .forward import body_hidden, pad_last, row_groups, split_head
+    from .forward import body_hidden, pad_last, split_head, sum_over_groups
 
     kd = cfg.kd
     if split_head(model) is None:
@@ -232,8 +232,8 @@ def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: 
 
     def loss_fn(m, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, int]:
         body, head = split_head(m)
-        total, count = None, 0
-        for idx, ids, mask, labels, cut in row_groups(batch):
+
+        def group_loss(idx, ids, mask, labels, cut, w):
             hidden = pad_last(body_hidden(body, ids, mask), cut)
             rows = batch["index"] if idx is None else batch["index"][idx]
             t_part = c_part = None
@@ -246,16 +246,11 @@ def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: 
                     t_hidden = t_hidden.to(hidden.device)  # kd_loss_sum selects positions with the student's mask
                 t_part = (t_hidden, t_head if t_device == hidden.device
                           else (lambda x, dev=hidden.device: t_head(x.to(t_device)).to(dev)))
-            weight = batch.get("weight")
-            w = weight if weight is None or idx is None else weight[idx]
-            s, n = kd_loss_sum(hidden, labels, head, t_part, c_part, temperature=kd.temperature,
+            return kd_loss_sum(hidden, labels, head, t_part, c_part, temperature=kd.temperature,
                                kind=kd.divergence, beta=kd.beta, alpha=kd.alpha, vocab=vocab, weight=w,
                                chunk=kd.chunk)
-            total = s if total is None else total + s
-            count += n
-        if total is None:
-            return sum(p.sum() for p in head.parameters()) * 0.0, 0
-        return total, count
+
+        return sum_over_groups(batch, head, group_loss)
 
     return loss_fn
 
@@ -264,11 +259,9 @@ def stop_ids(cfg: Config, tok) -> list[int]:
     """Token ids generation stops at besides EOS: a chat template's end-of-turn token."""
     if cfg.task != "chat":
         return []
-    from ..data.chat import _single_token, resolve_template
+    from ..data.chat import resolve_template, stop_id
 
-    tmpl = resolve_template(cfg.chat.template, tok, cfg.chat.stop)
-    sid = _single_token(tok, tmpl.stop) if tmpl.stop else None
-    return [sid] if sid is not None else []
+    return [stop_id(resolve_template(cfg.chat.template, tok, cfg.chat.stop), tok)]
 
 
 @contextlib.contextmanager
