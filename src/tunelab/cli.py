@@ -211,7 +211,8 @@ def cmd_data_show(args: argparse.Namespace) -> int:
             print(f"--- {e.where} ({len(e.input_ids)} tokens) label {e.completion!r} (class {e.label})")
             print(tok.decode(e.input_ids))
         else:
-            print(f"--- {e.where} ({len(e.input_ids)} tokens, {e.n_supervised} supervised)")
+            group = f" [{e.group}{', held out' if e.held_out else ''}]" if e.group else ""
+            print(f"--- {e.where}{group} ({len(e.input_ids)} tokens, {e.n_supervised} supervised)")
             print(_marked(tok, e.input_ids, e.labels, color))
         if args.ids:
             print("input_ids:", e.input_ids)
@@ -219,6 +220,11 @@ def cmd_data_show(args: argparse.Namespace) -> int:
                 print("labels:   ", e.labels)
     print("--- statistics")
     for split, st in stats.items():
+        if split == "mixture":
+            from .data.instruct import mixture_table
+
+            print(mixture_table(st))
+            continue
         print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     return 0
 

@@ -51,6 +51,18 @@ class SourceConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Field names of the instruction formats, for data sets that name them differently."""
+
+    instruction: str = "instruction"  # alpaca / self-instruct
+    input: str = "input"
+    output: str = "output"
+    system: str = "system_prompt"  # openorca
+    question: str = "question"
+    response: str = "response"
+
+
+@dataclass
 class DataConfig:
     train: SourceConfig | None = None
     validation: SourceConfig | None = None
@@ -62,6 +74,8 @@ class DataConfig:
     prompt: str = "{prompt}"  # template over record fields: {field} or {field|filter|...}
     completion: str = "{completion}"
     formatter: str | None = None  # "module:function" record -> {"prompt": ..., "completion": ...}
+    format: str = field(default="template", metadata=_choices("template", "alpaca", "openorca"))
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 512
     truncation: str = field(default="drop", metadata=_choices("drop", "truncate", "error"))
     empty_target: str = field(default="error", metadata=_choices("error", "drop"))
@@ -151,6 +165,46 @@ class KDConfig:
 
 
 @dataclass
+class TemplateConfig:
+    """One template of a task: a prompt pattern and a target pattern over the record's fields."""
+
+    prompt: str = ""
+    completion: str = ""
+    name: str | None = None  # default: "<task>/<index>"
+
+
+@dataclass
+class TaskConfig:
+    """One task of an instruction-tuning mixture (FLAN-style: several templates per task)."""
+
+    name: str = ""
+    builtin: str | None = None  # a built-in task over names (its templates; data: names.txt)
+    source: SourceConfig | None = None  # its records (default: data.train)
+    templates: list[TemplateConfig] = field(default_factory=list)  # added to the built-in ones
+    options: list[str] | None = None  # FLAN options rendered into {options}; the answer into {option_key}
+    options_field: str | None = None  # or a record field holding the list of options
+    answer: str = "{answer}"  # template giving the correct option's text
+    options_style: str = field(default="dash", metadata=_choices("dash", "letter", "number"))
+    shuffle_options: bool = False  # shuffle the options of each example (seeded)
+    weight: float = 1.0  # mixing weight (instruct.mixing=weighted)
+    cap: int | None = None  # at most this many examples (default: instruct.cap)
+    held_out_templates: list[int | str] = field(default_factory=list)  # indices or names: evaluation only
+
+
+@dataclass
+class InstructConfig:
+    """Instruction tuning over a mixture of tasks, each with a set of templates."""
+
+    tasks: list[TaskConfig] = field(default_factory=list)
+    choose: str = field(default="random", metadata=_choices("random", "round_robin"))  # template per example
+    mixing: str = field(default="proportional", metadata=_choices("proportional", "weighted"))
+    cap: int | None = None  # examples-proportional mixing: at most this many examples of a task (FLAN's K)
+    total: int | None = None  # weighted mixing: training examples in all (default: the capped sum)
+    held_out_tasks: list[str] = field(default_factory=list)  # trained on none of their templates
+    eval_templates: str = field(default="all", metadata=_choices("all", "held_out", "train"))
+
+
+@dataclass
 class EvalConfig:
     before: bool = True  # evaluate the base model too, for the before/after table
     generate: bool = True  # greedy generation + exact match (generation tasks)
@@ -161,6 +215,8 @@ class EvalConfig:
     show: int = 10  # rows of the before/after table
     display: str | None = None  # template over record fields for the table's input column (default: prompt)
     during_training: bool = False  # also score generation at every train.eval_every
+    variations: str | None = None  # prompt variations scored before/after: a built-in task or a YAML/JSON file
+    control: str | None = None  # a control set (JSONL) scored before/after: what else fine-tuning changed
 
 
 @dataclass
@@ -182,6 +238,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -190,7 +247,9 @@ class Config:
 
 
 # Keys whose scalar value is shorthand for one field of the section: `model=X` sets model.name.
-_SHORTHAND = {"model": "name", "data.train": "path", "data.validation": "path", "data.test": "path"}
+_SHORTHAND = {"model": "name", "data.train": "path", "data.validation": "path", "data.test": "path",
+              "instruct.tasks.source": "path"}
+_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
 _SOURCE_KEYS = ("train", "validation", "test")
 
 
@@ -332,6 +391,15 @@ def _build(cls: type, raw: dict, prefix: str, loc: _Located) -> Any:
     return cls(**kwargs)
 
 
+def parse_section(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """A config section (dataclass) from a plain mapping read elsewhere, with the same checks as a recipe."""
+    loc = _Located()
+    loc.default = where
+    if not isinstance(raw, dict):
+        raise TunelabError(f"{prefix.rstrip('.') or 'entry'}: expected a mapping, got {raw!r}", where)
+    return _build(cls, raw, prefix, loc)
+
+
 def _key_lines(text: str, filename: str) -> dict[str, str]:
     """dotted key -> 'file:line' for every key of a YAML mapping tree."""
     out: dict[str, str] = {}
@@ -412,6 +480,19 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
             src = data[split] = {"path": src}
         if isinstance(src, dict) and isinstance(src.get("path"), str):
             src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
+    instruct = raw.get("instruct")
+    tasks = instruct.get("tasks") if isinstance(instruct, dict) else None
+    for task in tasks if isinstance(tasks, list) else []:
+        src = task.get("source") if isinstance(task, dict) else None
+        if isinstance(src, str):
+            src = task["source"] = {"path": src}
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
+            src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
+    ev = raw.get("eval")
+    for key in ("variations", "control"):
+        value = ev.get(key) if isinstance(ev, dict) else None
+        if isinstance(value, str) and value.endswith(_FILE_SUFFIXES):  # a file, not a built-in task's name
+            ev[key] = str((base / os.path.expanduser(value)).resolve())
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -457,6 +538,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             src = raw["data"][parts[1]]
             if isinstance(src.get("path"), str):  # paths given on the command line are relative to the cwd
                 src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
+        if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
+            raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
     cfg = _build(Config, raw, "", loc)
     _check(cfg, loc)
     return cfg

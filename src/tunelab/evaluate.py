@@ -11,6 +11,7 @@ from .data.batching import collate
 from .data.formats import Example
 from .data.templates import render
 from .generate import generate
+from .metrics import exact_match, normalize
 from .train.forward import causal_lm_loss_sum
 
 
@@ -35,15 +36,6 @@ def validation_loss(model, examples: list[Example], pad_id: int, batch_size: int
     return total / max(n, 1)
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after collapsing whitespace (the completion's leading space is not part of the answer)."""
-    return normalize(prediction) == normalize(reference)
-
-
 def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
                        progress: bool = False, display: str | None = None,
                        stop_ids: list[int] | None = None) -> dict[str, Any]:
@@ -60,10 +52,69 @@ def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens
     rows = []
     for e, (out,) in zip(examples, outputs):
         shown = render(display, e.record, e.where, "eval.display") if display else (e.shown or e.prompt)
-        rows.append({"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
-                     "correct": exact_match(out, e.completion)})
+        row = {"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
+               "correct": exact_match(out, e.completion)}
+        if e.group is not None:
+            row.update(group=e.group, held_out=e.held_out)
+        rows.append(row)
     n = len(rows)
-    return {"exact_match": sum(r["correct"] for r in rows) / max(n, 1), "n": n, "samples": rows}
+    res = {"exact_match": sum(r["correct"] for r in rows) / max(n, 1), "n": n, "samples": rows}
+    by_task = group_summary(rows)
+    if by_task:
+        res["by_task"] = by_task
+        cells = [c for t in by_task.values() for c in t["templates"].values()]
+        seen = [c["exact_match"] for c in cells if not c["held_out"]]
+        held = [c["exact_match"] for c in cells if c["held_out"]]
+        if seen:
+            res["seen_exact_match"] = _mean(seen)
+        if held:
+            res["held_out_exact_match"] = _mean(held)
+    return res
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def group_summary(rows: list[dict]) -> dict[str, Any] | None:
+    """Exact match per task and template ("task/template" groups): each template's score, the task's
+    mean and worst case over its templates, and the mean over its held-out templates."""
+    cells: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r.get("group"):
+            task, _, tmpl = r["group"].partition("/")
+            cells.setdefault(task, {}).setdefault(tmpl, []).append(r)
+    out: dict[str, Any] = {}
+    for task, templates in cells.items():
+        per = {t: {"exact_match": _mean([float(r["correct"]) for r in rs]), "n": len(rs),
+                   "held_out": bool(rs[0].get("held_out"))} for t, rs in templates.items()}
+        ems = [c["exact_match"] for c in per.values()]
+        out[task] = {"templates": per, "mean": _mean(ems), "worst": min(ems)}
+        held = [c["exact_match"] for c in per.values() if c["held_out"]]
+        if held:
+            out[task]["held_out_mean"] = _mean(held)
+    return out or None
+
+
+def task_table(before: dict | None, after: dict) -> str:
+    """Exact match per task and template, before and after (instruction tuning; prompt variations)."""
+    b = (before or {}).get("by_task", {})
+    lines = [f"  {'task/template':<32} {'before':>7} {'after':>7}"]
+    for task, res in after["by_task"].items():
+        for tmpl, c in res["templates"].items():
+            was = b.get(task, {}).get("templates", {}).get(tmpl)
+            mark = "  (held out)" if c["held_out"] else ""
+            lines.append(f"  {task + '/' + tmpl:<32} {pct(was['exact_match'] if was else None)} "
+                         f"{pct(c['exact_match'])}{mark}")
+        for k in ("mean", "worst", "held_out_mean"):
+            if k in res:
+                was = b.get(task, {}).get(k)
+                lines.append(f"  {task + ' ' + k.replace('_', ' '):<32} {pct(was)} {pct(res[k])}")
+    return "\n".join(lines)
+
+
+def pct(x: float | None) -> str:
+    return f"{100 * x:6.1f}%" if x is not None else "      -"
 
 
 def before_after_table(before: dict | None, after: dict, show: int) -> str:

@@ -7,6 +7,7 @@ be at generation time, so training and use see the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ class Pair:
     completion: str
     where: str
     record: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # instruction tuning: "task/template"
+    held_out: bool = False  # a held-out template or task (never trained on)
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Example:
     label: int = -1  # classification: the class index (labels are then all -100)
     prompt_len: int | None = None  # generation: input_ids[:prompt_len] is the prompt to generate from
     shown: str | None = None  # what tables show as the input (default: the prompt)
+    group: str | None = None  # instruction tuning: "task/template", scored separately
+    held_out: bool = False
 
     @property
     def n_supervised(self) -> int:
@@ -56,7 +61,54 @@ def load_formatter(spec: str) -> Callable[[dict], Any]:
     return load_function(spec, "data.formatter")
 
 
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ORCA_PROMPT = "### System:\n{system}\n\n### User:\n{question}\n\n### Assistant:\n"
+ORCA_PROMPT_NO_SYSTEM = "### User:\n{question}\n\n### Assistant:\n"
+
+
+def _text_field(record: Record, name: str, what: str, required: bool = True) -> str:
+    if name not in record.fields:
+        if not required:
+            return ""
+        raise TunelabError(f"missing field {name!r} ({what}; data.columns.* renames it)", record.where)
+    value = record.fields[name]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise TunelabError(f"field {name!r} must be text, got {type(value).__name__}", record.where)
+    return value
+
+
+def instruction_pair(record: Record, cfg: DataConfig) -> Pair:
+    """An Alpaca / Self-Instruct (instruction, input, output) or OpenOrca (system_prompt, question,
+    response) record as a prompt/completion pair, in the format's own prompt layout."""
+    c = cfg.columns
+    if cfg.format == "alpaca":
+        instruction = _text_field(record, c.instruction, "the instruction")
+        if not instruction.strip():
+            raise TunelabError(f"empty instruction (field {c.instruction!r})", record.where)
+        inp = _text_field(record, c.input, "the input", required=False)
+        output = _text_field(record, c.output, "the output")
+        prompt = (ALPACA_PROMPT.format(instruction=instruction.strip(), input=inp.strip()) if inp.strip()
+                  else ALPACA_PROMPT_NO_INPUT.format(instruction=instruction.strip()))
+        return Pair(prompt, output, record.where, record.fields)
+    question = _text_field(record, c.question, "the question")
+    if not question.strip():
+        raise TunelabError(f"empty question (field {c.question!r})", record.where)
+    system = _text_field(record, c.system, "the system prompt", required=False)
+    response = _text_field(record, c.response, "the response")
+    prompt = (ORCA_PROMPT.format(system=system.strip(), question=question.strip()) if system.strip()
+              else ORCA_PROMPT_NO_SYSTEM.format(question=question.strip()))
+    return Pair(prompt, response, record.where, record.fields)
+
+
 def to_pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
+    if cfg.format != "template":
+        return [instruction_pair(r, cfg) for r in records]
     if cfg.formatter:
         fn = load_formatter(cfg.formatter)
         out = []
@@ -146,7 +198,8 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
             stats.truncated += 1
         ids, labels = mask_prompt(list(p_ids), t_ids)
         out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record,
-                           prompt_len=len(p_ids), weight=example_weight(pair.record, cfg, pair.where)))
+                           prompt_len=len(p_ids), weight=example_weight(pair.record, cfg, pair.where),
+                           group=pair.group, held_out=pair.held_out))
         stats.lengths.append(len(ids))
         stats.supervised.append(len(t_ids))
     stats.kept = len(out)
@@ -303,21 +356,53 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
     return out, stats
 
 
-def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, dict], list[str] | None]:
+def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any] | None]:
+    """Prompt/completion pairs of every split, and (instruction tuning) the mixture report."""
+    if cfg.instruct.tasks:
+        from .instruct import instruct_pairs
+
+        cache: dict[str, dict[str, list[Record]]] = {}
+
+        def records_of(tc) -> dict[str, list[Record]]:
+            src = tc.source or cfg.data.train
+            key = repr(src)
+            if key not in cache:
+                cache[key] = split_records(dataclasses.replace(cfg.data, train=src), cfg.train.seed)
+            return cache[key]
+
+        return instruct_pairs(cfg, records_of)
+    records = split_records(cfg.data, cfg.train.seed)
+    return {name: to_pairs(records[name], cfg.data) for name in ("train", "validation", "test")}, None
+
+
+def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str, Any], list[str] | None]:
     """Read, split, format and tokenize: Examples of every split, their statistics, and (classification)
     the label names."""
-    records = split_records(cfg.data, cfg.train.seed)
+    stats: dict[str, Any] = {}
+    if cfg.task == "generation":
+        pairs, mixture = generation_pairs(cfg)
+        if mixture is not None:
+            stats["mixture"] = mixture
+        records: dict[str, list[Record]] = {}
+    else:
+        records = split_records(cfg.data, cfg.train.seed)
     labels = label_names(records["train"], cfg.classify) if cfg.task == "classification" else None
     splits: dict[str, list[Example]] = {}
-    stats: dict[str, dict] = {}
     for name in ("train", "validation", "test"):
         if cfg.task == "chat":
             examples, st = encode_chat(records[name], tok, cfg.data, cfg.chat, name)
         elif labels is None:
-            examples, st = encode(to_pairs(records[name], cfg.data), tok, cfg.data, name)
+            examples, st = encode(pairs[name], tok, cfg.data, name)
         else:
             examples, st = encode_classification(records[name], tok, cfg.data, cfg.classify, labels, name)
         splits[name], stats[name] = examples, st.summary()
+    if "mixture" in stats:  # what each task contributes after length filtering
+        kept: dict[str, int] = {}
+        for e in splits["train"]:
+            task = (e.group or "").partition("/")[0]
+            kept[task] = kept.get(task, 0) + 1
+        for name, r in stats["mixture"]["tasks"].items():
+            r["kept"] = kept.get(name, 0)
     if labels is not None:
         seen = {e.label for e in splits["train"]}
         if len(seen) < 2:

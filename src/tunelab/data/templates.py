@@ -27,6 +27,10 @@ FILTERS: dict[str, Callable[[str], str]] = {
     "vowels": lambda s: str(sum(c in VOWELS for c in s)),
     "consonants": lambda s: str(sum(c.isalpha() and c not in VOWELS for c in s)),
     "chars": lambda s: " ".join(s),
+    "sorted": lambda s: "".join(sorted(s)),
+    "isvowel": lambda s: "yes" if s[:1] in VOWELS else "no",  # does the text start with a vowel?
+    "double": lambda s: s + s,
+    "capitalize": lambda s: s[:1].upper() + s[1:],
 }
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
@@ -72,3 +76,24 @@ def render(template: str, record: dict[str, Any], where: str, key: str = "templa
         return text
 
     return _FIELD.sub(sub, template)
+
+
+OPTION_STYLES = ("dash", "letter", "number")
+
+
+def option_key(i: int, style: str) -> str:
+    """The key of the i-th option: '-' (dash), 'A', 'B', ... (letter) or '1', '2', ... (number)."""
+    if style == "letter":
+        return chr(ord("A") + i) if i < 26 else f"A{i}"
+    if style == "number":
+        return str(i + 1)
+    return "-"
+
+
+def render_options(options: list[str], style: str = "dash", header: str = "OPTIONS:") -> str:
+    """FLAN's options block: ``OPTIONS:\n- yes\n- no`` (dash), ``(A) yes`` (letter), ``1. yes`` (number)."""
+    lines = [header] if header else []
+    for i, opt in enumerate(options):
+        k = option_key(i, style)
+        lines.append(f"- {opt}" if style == "dash" else f"({k}) {opt}" if style == "letter" else f"{k}. {opt}")
+    return "\n".join(lines)

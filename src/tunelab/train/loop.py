@@ -31,7 +31,14 @@ from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
 from ..data.formats import Example, build_dataset
 from ..errors import TunelabError
-from ..evaluate import before_after_table, classification_metrics, format_confusion, generation_metrics, validation_loss
+from ..evaluate import (
+    before_after_table,
+    classification_metrics,
+    format_confusion,
+    generation_metrics,
+    task_table,
+    validation_loss,
+)
 from ..models import load_model, load_tokenizer, resolve_model_path
 from . import checkpoint as ckpt
 from .forward import causal_lm_loss_sum
@@ -57,7 +64,7 @@ def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list
     if name == "auto":
         name = "test" if splits["test"] else "validation"
     examples = splits[name]
-    if cfg.eval.max_examples is not None:
+    if cfg.eval.max_examples is not None and not cfg.instruct.tasks:  # instruct: already per task and template
         examples = examples[: cfg.eval.max_examples]
     return name, examples
 
@@ -155,6 +162,8 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
            "n_train": n_train, "model": cfg.model.name, "init": [cfg.model.init, cfg.model.init_seed]}
     if cfg.task == "chat":  # the template, system prompt and train_on decide the tokens and their masks
         key["chat"] = dataclasses.asdict(cfg.chat)
+    if cfg.instruct.tasks:  # the tasks, templates and mixture decide the examples
+        key["instruct"] = dataclasses.asdict(cfg.instruct)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -204,7 +213,40 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
                                  progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display,
                                  stop_ids=stop_ids(cfg, tok))
         out.update(res)
+    out.update(probe_run(model, tok, cfg, examples, quiet))
     return out
+
+
+def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> dict:
+    """Prompt variations and the control set, where the recipe declares them."""
+    from .. import probes
+
+    out: dict[str, Any] = {}
+    progress = not quiet and sys.stderr.isatty()
+    if cfg.eval.variations and examples and cfg.task == "generation":
+        var_ex = probes.variation_examples(cfg, tok, examples)
+        res = generation_metrics(model, tok, var_ex, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress=progress)
+        out["variations"] = res["by_task"]["variations"]
+    if cfg.eval.control:
+        out["control"] = probes.score_control(model, tok, cfg, probes.load_control(cfg.eval.control), progress)
+    return out
+
+
+def probe_tables(before: dict | None, after: dict) -> str:
+    """The per-task, per-variation and control-set tables, before and after, where there are any."""
+    from ..probes import control_table
+
+    parts = []
+    if "by_task" in after:
+        parts += ["exact match per task and template:", task_table(before, after)]
+    if "variations" in after:
+        b = {"by_task": {"variations": before["variations"]}} if before and "variations" in before else None
+        n = max((c["n"] for c in after["variations"]["templates"].values()), default=0)
+        parts += [f"prompt variations ({n} items each; held out = not trained on):",
+                  task_table(b, {"by_task": {"variations": after["variations"]}})]
+    if "control" in after:
+        parts += ["control set (what else changed):", control_table((before or {}).get("control"), after["control"])]
+    return "\n".join(parts)
 
 
 def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: torch.device, quiet: bool):
@@ -308,6 +350,10 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
+    if "mixture" in data_stats:
+        from ..data.instruct import mixture_table
+
+        say(mixture_table(data_stats["mixture"]), quiet)
     if cfg.task == "classification":
         model = make_classifier(model, cfg, labels)
     else:
@@ -380,6 +426,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         save_config(cfg, run / "config.yaml")
         if resume_from is None or not (run / "data_stats.json").exists():
             atomic.write_json(run / "data_stats.json", data_stats)
+            if "mixture" in data_stats:
+                atomic.write_json(run / "mixture.json", data_stats["mixture"])
         if before is not None and not before_path.exists():
             atomic.write_json(before_path, before)
     d.barrier()
@@ -551,6 +599,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     if "samples" in after:
         atomic.write_text(run / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in after["samples"]))
         print(before_after_table(before if before and "samples" in before else None, after, cfg.eval.show))
+        tables = probe_tables(before, after)
+        if tables:
+            print(tables)
     elif "accuracy" in after:
         print(classification_report(before, after))
     elif "val_loss" in after:
@@ -607,4 +658,7 @@ def classification_report(before: dict | None, after: dict) -> str:
 
 
 def _without_samples(res: dict) -> dict:
-    return {k: v for k, v in res.items() if k != "samples"}
+    out = {k: v for k, v in res.items() if k != "samples"}
+    if isinstance(out.get("control"), dict):
+        out["control"] = {k: v for k, v in out["control"].items() if k != "samples"}
+    return out
