@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.formats import build_dataset
     from .evaluate import before_after_table, format_confusion
     from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
-    from .train.loop import _without_samples, eval_split, evaluate_run
+    from .train.loop import _without_samples, base_model_view, check_probes, eval_split, evaluate_run, probe_tables, say
 
     target = Path(args.target)
     is_run = target.is_dir() and (target / "config.yaml").exists()
@@ -63,13 +63,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                f"({', '.join(labels[:8])})", str(target))
     else:
         model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
+    check_probes(cfg)
+    base = None
+    if args.base:
+        if not is_run:
+            raise TunelabError("--base compares a run with its base model: give a run directory", str(target))
+        say(f"evaluating the base model ({cfg.model.name}) ...", args.quiet)
+        if hasattr(getattr(model, "lm", model), "disable_adapter"):
+            with base_model_view(model):
+                base = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet, labels)
+        elif cfg.task != "classification":
+            base_model, _ = load_model(cfg.model)
+            base = evaluate_run(base_model, tok, cfg, examples, splits["validation"], args.quiet, labels)
+            del base_model
+        else:
+            raise TunelabError("a classifier's head has no base to compare with", "--base")
     res = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet, labels)
     if "samples" in res:
-        print(before_after_table(None, res, cfg.eval.show).replace("after fine-tuning:", f"{target}:"))
+        print(before_after_table(base if base and "samples" in base else None, res, cfg.eval.show)
+              .replace("before fine-tuning:", "base model:").replace("after fine-tuning:", f"{target}:"))
+        tables = probe_tables(base, res, ("base", "tuned") if base is not None else ("before", "model"))
+        if tables:
+            print(tables)
     if "confusion" in res:
         print(f"accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f} over {res['n']} examples")
         print(format_confusion(res))
     out = {"target": str(target), "split": split_name, **_without_samples(res)}
+    if base is not None:
+        out["base"] = _without_samples(base)
     print(json.dumps(out))
     if args.out:
         atomic.write_json(Path(args.out), out)
@@ -291,15 +312,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """A model's completions over a prompt set, as JSONL (sequence-level KD, an augmented teacher)."""
-    from .config import ModelConfig, load_config
+    from .config import load_config
     from .gen_data import critic_scores, load_verifier, prompts_from_file, prompts_from_recipe, verify, write_rows
     from .generate import generate
-    from .models import load_model, load_trained
     from .train.loop import stop_ids
 
+    if args.self_instruct:
+        return self_instruct_command(args)
+    if args.temperature is None:
+        args.temperature = 0.0
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32
     if (args.recipe is None) == (args.input is None):
-        raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template) or --input FILE",
-                           "generate")
+        raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template), --input FILE, "
+                           "or --self-instruct SEEDS", "generate")
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise TunelabError("--n, --max-new-tokens and --batch-size must be at least 1", "generate")
     if args.verifier and args.critic:
@@ -316,19 +342,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     verifier = load_verifier(args.verifier) if args.verifier else None
     if args.critic and not (Path(args.critic) / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", args.critic)
-    target = Path(args.target)
-    is_run = target.is_dir() and (target / "config.yaml").exists()
     recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
-    if is_run:
-        run_cfg = load_config(target)
-        run_cfg.model.device = args.device
-        if run_cfg.task == "classification":
-            raise TunelabError("a classification run does not generate", str(target))
-        model, tok = load_trained(target, run_cfg.model)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()  # the same outputs, faster
-    else:
-        model, tok = load_model(ModelConfig(name=args.target, device=args.device))
+    model, tok = generation_model(args.target, args.device)
     items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg
              else prompts_from_file(args.input, args.prompt_field)[: args.limit])
     stops = stop_ids(recipe_cfg, tok) if recipe_cfg is not None else []
@@ -356,6 +371,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kept = f", {len(rows)} kept with score >= {args.min_score}" if args.min_score is not None else ""
     mean = (f", mean score {sum(scores) / len(scores):.3f}" if scores and scores[0] is not None else "")
     print(f"{len(flat)} completions of {len(items)} prompts{mean}{kept}; written to {out}", file=sys.stderr)
+    return 0
+
+
+def generation_model(target_spec: str, device: str):
+    """The model and tokenizer of a run directory (adapters merged), or a model by alias, directory or id."""
+    from .config import ModelConfig, load_config
+    from .models import load_model, load_trained
+
+    target = Path(target_spec)
+    if target.is_dir() and (target / "config.yaml").exists():
+        run_cfg = load_config(target)
+        run_cfg.model.device = device
+        if run_cfg.task == "classification":
+            raise TunelabError("a classification run does not generate", str(target))
+        model, tok = load_trained(target, run_cfg.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()  # the same outputs, faster
+        return model, tok
+    return load_model(ModelConfig(name=target_spec, device=device))
+
+
+def self_instruct_command(args: argparse.Namespace) -> int:
+    """``tunelab generate MODEL --self-instruct SEEDS --out POOL``: new tasks bootstrapped from seeds."""
+    from .gen_data import write_rows
+    from .selfinstruct import read_seeds, self_instruct
+
+    if args.recipe or args.input or args.verifier or args.critic or args.n != 1:
+        raise TunelabError("--self-instruct builds its own prompts: drop --recipe/--input/--verifier/--critic/--n",
+                           "generate")
+    if args.rounds < 1 or args.per_round < 1 or not 0 < args.similarity <= 1:
+        raise TunelabError("--rounds and --per-round must be at least 1, --similarity in (0, 1]", "generate")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise TunelabError("output file exists (--force replaces it)", str(out))
+    seeds = read_seeds(args.self_instruct)
+    model, tok = generation_model(args.target, args.device)
+    temperature = 0.7 if args.temperature is None else args.temperature
+    max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+    rows, stats = self_instruct(model, tok, seeds, args.rounds, args.per_round, threshold=args.similarity,
+                                temperature=temperature, top_p=args.top_p, max_new_tokens=max_new_tokens,
+                                batch_size=args.batch_size, seed=args.seed,
+                                progress=not args.quiet and sys.stderr.isatty())
+    write_rows(out, rows)
+    why = ", ".join(f"{v} {k}" for k, v in sorted(stats.rejected.items())) or "none"
+    print(f"self-instruct: {stats.generated} generated, {stats.kept} kept (rejected: {why}); "
+          f"written to {out}", file=sys.stderr)
     return 0
 
 
@@ -402,11 +463,12 @@ def cmd_student(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_axes, run_sweep
+    from .sweep import parse_axes, parse_variants, run_sweep
 
-    axes = parse_axes(args.over)
+    variants = parse_variants(args.variant)
+    axes = parse_axes(args.over, allow_empty=bool(variants))
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.recipe).stem}"
-    run_sweep(args.recipe, args.overrides, axes, out, quiet=args.quiet)
+    run_sweep(args.recipe, args.overrides, axes, out, quiet=args.quiet, variants=variants)
     print(f"sweep table: {out / 'sweep.md'}", file=sys.stderr)
     return 0
 
@@ -453,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="run directory, or recipe YAML (evaluates its model; model=... to choose)")
     e.add_argument("overrides", nargs="*", help="key=value overrides")
     e.add_argument("--out", help="also write the metrics as JSON to this file")
+    e.add_argument("--base", action="store_true",
+                   help="also evaluate the run's base model, side by side (e.g. with eval.variations=reverse)")
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF directory)")
@@ -499,9 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "sample[, score]")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--n", type=int, default=1, help="completions per prompt (needs --temperature > 0)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default; 0.7 with --self-instruct)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (128 with --self-instruct)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -510,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "sees the record's fields and {output})")
     g.add_argument("--critic-label", default="yes", help="the critic's label whose probability is the score")
     g.add_argument("--min-score", type=float, help="keep only completions scored at least this")
+    g.add_argument("--self-instruct", metavar="SEEDS",
+                   help="bootstrap new tasks from these seed tasks (JSONL: instruction, input, output)")
+    g.add_argument("--rounds", type=int, default=3, help="Self-Instruct rounds (default 3)")
+    g.add_argument("--per-round", type=int, default=16, help="Self-Instruct tasks asked for per round")
+    g.add_argument("--similarity", type=float, default=0.7,
+                   help="Self-Instruct: reject an instruction this ROUGE-L-similar to one in the pool")
     g.set_defaults(func=cmd_generate)
 
     st = sub.add_parser("student", help="cut a smaller student from a teacher (a subset of its layers)")
@@ -526,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     sw.add_argument("--over", action="append", default=[], metavar="KEY=V1,V2",
                     help="an axis of the grid (repeat for more axes)")
+    sw.add_argument("--variant", action="append", default=[], metavar="NAME: KEY=V ...",
+                    help="a named set of overrides; the variants form one axis (e.g. what trains: "
+                         "'lora-r4: train.mode=lora lora.r=4')")
     sw.add_argument("--out", help="directory of the sweep (default runs/sweep-<recipe>)")
     sw.set_defaults(func=cmd_sweep)
 

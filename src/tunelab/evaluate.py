@@ -96,10 +96,10 @@ def group_summary(rows: list[dict]) -> dict[str, Any] | None:
     return out or None
 
 
-def task_table(before: dict | None, after: dict) -> str:
+def task_table(before: dict | None, after: dict, heads: tuple[str, str] = ("before", "after")) -> str:
     """Exact match per task and template, before and after (instruction tuning; prompt variations)."""
     b = (before or {}).get("by_task", {})
-    lines = [f"  {'task/template':<32} {'before':>7} {'after':>7}"]
+    lines = [f"  {'task/template':<32} {heads[0]:>7} {heads[1]:>7}"]
     for task, res in after["by_task"].items():
         for tmpl, c in res["templates"].items():
             was = b.get(task, {}).get("templates", {}).get(tmpl)

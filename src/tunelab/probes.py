@@ -179,8 +179,8 @@ def _first_tokens(tok, text: str, n: int) -> str:
     return text if len(ids) <= n else tok.decode(ids[:n], skip_special_tokens=True)
 
 
-def control_table(before: dict | None, after: dict) -> str:
-    lines = [f"  {'control set':<32} {'before':>7} {'after':>7}"]
+def control_table(before: dict | None, after: dict, heads: tuple[str, str] = ("before", "after")) -> str:
+    lines = [f"  {'control set':<32} {heads[0]:>7} {heads[1]:>7}"]
     for k, v in after["by_kind"].items():
         b = (before or {}).get("by_kind", {}).get(k)
         lines.append(f"  {k:<32} {_pct(b)} {_pct(v)}")

@@ -26,7 +26,7 @@ from .errors import TunelabError
 METRICS = ("exact_match", "accuracy")
 
 
-def parse_axes(specs: list[str]) -> list[tuple[str, list[str]]]:
+def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, list[str]]]:
     """``key=v1,v2`` -> (key, [v1, v2]); each value stays text (the recipe override parser types it)."""
     from .config import _suggest, all_keys
 
@@ -44,9 +44,45 @@ def parse_axes(specs: list[str]) -> list[tuple[str, list[str]]]:
         if any(k == key for k, _ in axes):
             raise TunelabError(f"{key} is swept twice", f"--over {spec}")
         axes.append((key, vals))
-    if not axes:
-        raise TunelabError("give at least one --over key=v1,v2,...", "sweep")
+    if not axes and not allow_empty:
+        raise TunelabError("give at least one --over key=v1,v2,... (or --variant)", "sweep")
     return axes
+
+
+VARIANT = "variant"
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME: key=value key=value`` -> {NAME: [overrides]}: named bundles of overrides, one axis."""
+    import shlex
+
+    from .config import _suggest, all_keys, parse_override
+
+    variants: dict[str, list[str]] = {}
+    for spec in specs:
+        name, colon, rest = spec.partition(":")
+        name = name.strip()
+        if not colon or not name or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise TunelabError(f"expected NAME: key=value ..., with a name of letters, digits, . _ -; got {spec!r}",
+                               "--variant")
+        if name in variants:
+            raise TunelabError(f"variant {name} is given twice", f"--variant {spec}")
+        items = shlex.split(rest)
+        if not items:
+            raise TunelabError(f"variant {name} sets nothing", f"--variant {spec}")
+        for item in items:
+            key, _ = parse_override(item)
+            if key not in all_keys():
+                raise TunelabError(f"unknown key {key}{_suggest(key)}", f"--variant {spec}")
+        variants[name] = items
+    return variants
+
+
+def overrides_of(assign: list[tuple[str, str]], variants: dict[str, list[str]]) -> list[str]:
+    out: list[str] = []
+    for k, v in assign:
+        out += variants[v] if k == VARIANT else [f"{k}={v}"]
+    return out
 
 
 def cell_name(assign: list[tuple[str, str]]) -> str:
@@ -60,13 +96,17 @@ def cells(axes: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
 
 
 def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]]], out: Path,
-              quiet: bool = False) -> list[dict]:
+              quiet: bool = False, variants: dict[str, list[str]] | None = None) -> list[dict]:
+    """Every cell of the grid (the variants, if any, are its first axis), then the table."""
     from .config import load_config
 
+    variants = variants or {}
+    if variants:
+        axes = [(VARIANT, list(variants)), *axes]
     grid = cells(axes)
     # every cell's configuration is checked before anything runs
     for assign in grid:
-        load_config(recipe, [*overrides, *(f"{k}={v}" for k, v in assign), f"output.dir={out / cell_name(assign)}"])
+        load_config(recipe, [*overrides, *overrides_of(assign, variants), f"output.dir={out / cell_name(assign)}"])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, assign in enumerate(grid, 1):
@@ -77,7 +117,7 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
         else:
             print(f"[{i}/{len(grid)}] {label} -> {d}", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "tunelab.cli", *(["--quiet"] if quiet else []), "train", recipe,
-                   *overrides, *(f"{k}={v}" for k, v in assign), f"output.dir={d}"]
+                   *overrides, *overrides_of(assign, variants), f"output.dir={d}"]
             if (d / "checkpoints").is_dir():
                 cmd.append("--resume")
             proc = subprocess.run(cmd, env={**os.environ}, stderr=subprocess.PIPE, text=True)

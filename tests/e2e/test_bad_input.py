@@ -176,6 +176,42 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
                                             "export writes a sequence-classification"),
         "cli: chat with a recipe file": (lambda: ["chat", c.train()[1]], "not a recipe"),
         "cli: data show of a missing recipe": (lambda: ["data", "show", str(c.tmp / "x.yaml")], "recipe not found"),
+        # ---- instruction tuning, prompt variations, control set
+        "instruct: a template naming a field the record lacks": (
+            lambda: c.train(instruct={"tasks": [{"name": "t", "templates": [
+                {"prompt": "Reverse {nme}:", "completion": " {name|reverse}"}]}]}),
+            "missing field 'nme' (used by instruct.tasks[t] template t/0 prompt)"),
+        "instruct: an empty instruction": (
+            lambda: c.train("data.format=alpaca", "data.unique_by=null", "data.validation_size=0",
+                            data={"train": str(c.jsonl([
+                {"instruction": "Reverse it.", "input": "ab", "output": "ba"},
+                {"instruction": " ", "input": "ab", "output": "ba"}]))}),
+            "data.jsonl:2: empty instruction (field 'instruction')"),
+        "instruct: a negative mixture weight": (
+            lambda: c.train(instruct={"mixing": "weighted", "tasks": [{"builtin": "reverse", "weight": -1}]}),
+            "weight must be non-negative, got -1.0"),
+        "instruct: all mixture weights zero": (
+            lambda: c.train(instruct={"mixing": "weighted", "tasks": [{"builtin": "reverse", "weight": 0},
+                                                                      {"builtin": "length", "weight": 0}]}),
+            "all mixture weights are zero"),
+        "instruct: held-out templates cover every template": (
+            lambda: c.train(instruct={"tasks": [{"name": "t", "held_out_templates": [0, 1], "templates": [
+                {"prompt": "A {name}", "completion": " {name}"}, {"prompt": "B {name}", "completion": " {name}"}]}]}),
+            "held_out_templates covers all 2 templates"),
+        "instruct: unknown built-in task": (lambda: c.train(instruct={"tasks": [{"builtin": "reverse_it"}]}),
+                                            "unknown built-in task 'reverse_it'"),
+        "instruct: every task held out": (
+            lambda: c.train(instruct={"tasks": [{"builtin": "reverse"}], "held_out_tasks": ["reverse"]}),
+            "every task is held out"),
+        "eval: unknown prompt variations": (lambda: c.train("eval.variations=backwards"),
+                                            "not a built-in task"),
+        "eval: a control set in an unknown format": (
+            lambda: c.train(eval={"control": str(c.jsonl([{"question": "2+2?", "expected": "4"}], "ctl.jsonl"))}),
+            "ctl.jsonl:1: unknown control item format"),
+        "generate: self-instruct with one seed": (
+            lambda: ["generate", str(c.model), "--self-instruct",
+                     str(c.jsonl([{"instruction": "Say hi.", "output": "hi"}], "seeds.jsonl")),
+                     "--out", str(c.tmp / "pool.jsonl")], "needs at least 2 seed tasks"),
         "cli: merge into a non-empty directory": (
             lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
             "output directory exists and is not empty"),

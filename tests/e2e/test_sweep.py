@@ -59,3 +59,32 @@ def test_random_init_shares_the_config_but_not_the_weights(tiny_model):
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
     again, _ = load_model(ModelConfig(name=str(tiny_model), device="cpu", init="random", init_seed=7))
     assert torch.equal(b["model.layers.0.mlp.up_proj.weight"], again.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_variants_are_one_axis_of_named_override_sets(tmp_path, tiny_model, names_file):
+    """What to train, in one table: each variant a named bundle of overrides, crossed with --over."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file, train={"max_steps": 2, "batch_size": 4},
+                          eval={"before": False, "max_examples": 4})
+    out = tmp_path / "sweep"
+    tunelab("--quiet", "sweep", str(recipe), "--variant", "full: train.mode=full",
+            "--variant", "lora-qv-r2: train.mode=lora lora.r=2",
+            "--variant", "lora-all-r4: lora.r=4 lora.targets=[all-linear]",
+            "--over", "train.lr=0.001", "--out", str(out))
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["full", "lora-qv-r2", "lora-all-r4"]
+    params = [r["trainable_parameters"] for r in rows]
+    assert params[0] > params[2] > params[1]  # full > LoRA on all linear layers > LoRA r=2 on q, v
+    cfg = (out / rows[1]["run"] / "config.yaml").read_text()
+    assert "r: 2" in cfg and "lr: 0.001" in cfg
+    assert "| variant | train.lr |" in (out / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("nocolon train.mode=full", "expected NAME: key=value"),
+    ("a: train.moed=full", "unknown key train.moed"),
+    ("a:", "variant a sets nothing"),
+])
+def test_bad_variants(tmp_path, tiny_model, names_file, variant, expected):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    proc = tunelab("sweep", str(recipe), "--variant", variant, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1]

@@ -223,7 +223,7 @@ def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> 
 
     out: dict[str, Any] = {}
     progress = not quiet and sys.stderr.isatty()
-    if cfg.eval.variations and examples and cfg.task == "generation":
+    if cfg.eval.variations and examples:
         var_ex = probes.variation_examples(cfg, tok, examples)
         res = generation_metrics(model, tok, var_ex, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress=progress)
         out["variations"] = res["by_task"]["variations"]
@@ -232,20 +232,35 @@ def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> 
     return out
 
 
-def probe_tables(before: dict | None, after: dict) -> str:
+def check_probes(cfg: Config) -> None:
+    """Read the variations and the control set up front, so that a bad one fails before training."""
+    from .. import probes
+
+    if cfg.eval.variations:
+        if cfg.task != "generation":
+            raise TunelabError("prompt variations are for generation tasks", "eval.variations")
+        probes.load_variations(cfg.eval.variations)
+    if cfg.eval.control:
+        if cfg.task == "classification":
+            raise TunelabError("a control set is scored by generation: not for classification tasks", "eval.control")
+        probes.load_control(cfg.eval.control)
+
+
+def probe_tables(before: dict | None, after: dict, heads: tuple[str, str] = ("before", "after")) -> str:
     """The per-task, per-variation and control-set tables, before and after, where there are any."""
     from ..probes import control_table
 
     parts = []
     if "by_task" in after:
-        parts += ["exact match per task and template:", task_table(before, after)]
+        parts += ["exact match per task and template:", task_table(before, after, heads)]
     if "variations" in after:
         b = {"by_task": {"variations": before["variations"]}} if before and "variations" in before else None
         n = max((c["n"] for c in after["variations"]["templates"].values()), default=0)
         parts += [f"prompt variations ({n} items each; held out = not trained on):",
-                  task_table(b, {"by_task": {"variations": after["variations"]}})]
+                  task_table(b, {"by_task": {"variations": after["variations"]}}, heads)]
     if "control" in after:
-        parts += ["control set (what else changed):", control_table((before or {}).get("control"), after["control"])]
+        parts += ["control set (what else changed):",
+                  control_table((before or {}).get("control"), after["control"], heads)]
     return "\n".join(parts)
 
 
@@ -343,6 +358,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     train_ex = splits["train"]
     split_name, eval_ex = eval_split(cfg, splits)
     val_ex = splits["validation"]
+    check_probes(cfg)
     model, tok = load_model(cfg.model, model_path, tok)
     device = next(model.parameters()).device
     if cfg.train.dropout is not None:
