@@ -246,6 +246,9 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
             print(mixture_table(st))
             continue
+        if split == "sni":
+            print(f"tasks: trained on {st['train_tasks']}; held out {st['eval_tasks']}; encoding {st['encoding']}")
+            continue
         print(f"{split}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     return 0
 

@@ -205,6 +205,22 @@ class InstructConfig:
 
 
 @dataclass
+class SNIConfig:
+    """Super-NaturalInstructions-style tasks: one JSON file a task (Definition, Positive Examples,
+    Negative Examples, Instances), trained on some tasks and evaluated on unseen ones."""
+
+    dir: str | None = None  # a directory of task files (*.json)
+    eval_tasks: list[str] = field(default_factory=list)  # held-out tasks (file stems): evaluated, never trained
+    train_tasks: list[str] = field(default_factory=list)  # default: every task not held out
+    definition: bool = True  # the prompt encoding: the task's definition,
+    positive: int = 2  # k positive examples (0, 1, 2, ...),
+    negative: int = 0  # negative examples,
+    explanations: bool = False  # and the examples' explanations
+    train_instances: int | None = 500  # at most this many instances of each training task
+    eval_instances: int = 100  # instances of each evaluation task
+
+
+@dataclass
 class EvalConfig:
     before: bool = True  # evaluate the base model too, for the before/after table
     generate: bool = True  # greedy generation + exact match (generation tasks)
@@ -239,6 +255,7 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
+    sni: SNIConfig = field(default_factory=SNIConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -488,6 +505,9 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
             src = task["source"] = {"path": src}
         if isinstance(src, dict) and isinstance(src.get("path"), str):
             src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
+    sni = raw.get("sni")
+    if isinstance(sni, dict) and isinstance(sni.get("dir"), str):
+        sni["dir"] = str((base / os.path.expanduser(sni["dir"])).resolve())
     ev = raw.get("eval")
     for key in ("variations", "control"):
         value = ev.get(key) if isinstance(ev, dict) else None
@@ -540,6 +560,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
         if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
             raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
+        if key == "sni.dir" and isinstance(value, str):
+            raw["sni"]["dir"] = str((cwd / os.path.expanduser(value)).resolve())
     cfg = _build(Config, raw, "", loc)
     _check(cfg, loc)
     return cfg
@@ -583,7 +605,7 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     need(bool(cfg.lora.targets), "lora.targets", "must name at least one module (or all-linear)")
     d = cfg.data
-    need(d.train is not None, "data.train", "a training source is required")
+    need(d.train is not None or cfg.sni.dir is not None, "data.train", "a training source is required")
     need(d.max_length >= 2, "data.max_length", "must be at least 2")
     for k in ("validation_size", "test_size"):
         v = getattr(d, k)
@@ -613,6 +635,15 @@ def _check(cfg: Config, loc: _Located) -> None:
         need(k.top_k >= 1, "kd.top_k", "must be at least 1")
         need(k.chunk >= 1, "kd.chunk", "must be at least 1")
         need(k.teacher is not None, "kd.teacher", "kd.cache needs the teacher it caches (kd.teacher)")
+    sn = cfg.sni
+    if sn.dir is not None:
+        need(cfg.task == "generation", "sni.dir", "Super-NaturalInstructions tasks are a generation task")
+        need(not cfg.instruct.tasks, "sni.dir", "give sni.dir or instruct.tasks, not both")
+        need(sn.positive >= 0 and sn.negative >= 0, "sni.positive", "example counts must be non-negative")
+        need(sn.definition or sn.positive > 0, "sni.definition",
+             "an encoding needs the definition or at least one positive example")
+        need(sn.train_instances is None or sn.train_instances >= 1, "sni.train_instances", "must be at least 1")
+        need(sn.eval_instances >= 1, "sni.eval_instances", "must be at least 1")
     e = cfg.eval
     if e.display:
         check_template(e.display, loc.of("eval.display"))

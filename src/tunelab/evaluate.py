@@ -11,7 +11,7 @@ from .data.batching import collate
 from .data.formats import Example
 from .data.templates import render
 from .generate import generate
-from .metrics import exact_match, normalize
+from .metrics import best_of, exact_match, normalize, rouge_l
 from .train.forward import causal_lm_loss_sum
 
 
@@ -52,13 +52,15 @@ def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens
     rows = []
     for e, (out,) in zip(examples, outputs):
         shown = render(display, e.record, e.where, "eval.display") if display else (e.shown or e.prompt)
+        refs = e.references or [e.completion]
         row = {"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
-               "correct": exact_match(out, e.completion)}
+               "correct": bool(best_of(exact_match, out, refs)), "rouge_l": best_of(rouge_l, out, refs)}
         if e.group is not None:
             row.update(group=e.group, held_out=e.held_out)
         rows.append(row)
     n = len(rows)
-    res = {"exact_match": sum(r["correct"] for r in rows) / max(n, 1), "n": n, "samples": rows}
+    res = {"exact_match": sum(r["correct"] for r in rows) / max(n, 1), "rouge_l": _mean([r["rouge_l"] for r in rows]),
+           "n": n, "samples": rows}
     by_task = group_summary(rows)
     if by_task:
         res["by_task"] = by_task
@@ -86,10 +88,12 @@ def group_summary(rows: list[dict]) -> dict[str, Any] | None:
             cells.setdefault(task, {}).setdefault(tmpl, []).append(r)
     out: dict[str, Any] = {}
     for task, templates in cells.items():
-        per = {t: {"exact_match": _mean([float(r["correct"]) for r in rs]), "n": len(rs),
+        per = {t: {"exact_match": _mean([float(r["correct"]) for r in rs]),
+                   "rouge_l": _mean([r["rouge_l"] for r in rs]), "n": len(rs),
                    "held_out": bool(rs[0].get("held_out"))} for t, rs in templates.items()}
         ems = [c["exact_match"] for c in per.values()]
-        out[task] = {"templates": per, "mean": _mean(ems), "worst": min(ems)}
+        out[task] = {"templates": per, "mean": _mean(ems), "worst": min(ems),
+                     "rouge_l": _mean([c["rouge_l"] for c in per.values()])}
         held = [c["exact_match"] for c in per.values() if c["held_out"]]
         if held:
             out[task]["held_out_mean"] = _mean(held)

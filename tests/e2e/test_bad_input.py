@@ -37,6 +37,19 @@ class Case:
             "output": {"dir": str(self.run)}}))
         return ["train", str(self.recipe)]
 
+    def sni(self, bad: dict, *overrides: str) -> list[str]:
+        """A task directory holding a good task (evaluated) and a bad one (trained on)."""
+        d = self.tmp / "tasks"
+        d.mkdir()
+        demos = [{"input": "a", "output": "a"}, {"input": "b", "output": "b"}]
+        (d / "good.json").write_text(json.dumps({"Definition": ["Copy."], "Positive Examples": demos,
+                                                 "Instances": [{"input": "c", "output": ["c"]}]}))
+        (d / "bad.json").write_text(json.dumps(bad))
+        self.recipe.write_text(yaml.safe_dump({
+            "model": str(self.model), "sni": {"dir": str(d), "eval_tasks": ["good"], "positive": 0},
+            "train": {"max_steps": 2, "batch_size": 2}, "output": {"dir": str(self.run)}}))
+        return ["train", str(self.recipe), *overrides]
+
     def classify(self, rows: list | None = None, **classify) -> list[str]:
         src = {"path": str(self.jsonl(rows)) if rows else str(self.names), "text_field": "name"}
         self.recipe.write_text(yaml.safe_dump({
@@ -212,6 +225,15 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
             lambda: ["generate", str(c.model), "--self-instruct",
                      str(c.jsonl([{"instruction": "Say hi.", "output": "hi"}], "seeds.jsonl")),
                      "--out", str(c.tmp / "pool.jsonl")], "needs at least 2 seed tasks"),
+        "sni: a task file without a Definition": (
+            lambda: c.sni({"Instances": [{"input": "a", "output": ["b"]}]}), 'bad.json: missing "Definition"'),
+        "sni: an instance without outputs": (
+            lambda: c.sni({"Definition": ["Copy."], "Instances": [{"input": "a", "output": []}]}),
+            'bad.json: "Instances"[0]: an instance without outputs'),
+        "sni: more positive examples asked for than the task has": (
+            lambda: c.sni({"Definition": ["Copy."], "Positive Examples": [{"input": "a", "output": "a"}],
+                           "Instances": [{"input": "a", "output": ["a"]}]}, "sni.positive=2"),
+            "bad.json: sni.positive=2, but the task has 1 positive examples"),
         "cli: merge into a non-empty directory": (
             lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
             "output directory exists and is not empty"),

@@ -100,3 +100,29 @@ def test_self_instruct_runs_end_to_end(tmp_path, tiny_model):
     kept = int(proc.stderr.split(" kept")[0].rsplit(" ", 1)[1])
     rows = [json.loads(line) for line in pool.read_text().splitlines()]
     assert len(rows) == kept and all({"instruction", "input", "output", "round"} <= set(r) for r in rows)
+
+
+def test_sni_tasks_train_and_score_unseen_tasks(tmp_path, tiny_model):
+    """Super-NaturalInstructions layout: train on some task files, evaluate on unseen ones."""
+    import shutil
+    from pathlib import Path
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shipped = Path(__file__).resolve().parents[2] / "data" / "sni_names"
+    for name in ("task001_reverse_name", "task003_first_letter", "task012_longer_name"):
+        shutil.copy(shipped / f"{name}.json", tasks)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {tiny_model}\n"
+        f"sni: {{dir: {tasks}, eval_tasks: [task012_longer_name], positive: 0, train_instances: 8, "
+        "eval_instances: 4}\n"
+        "data: {max_length: 400}\ntrain: {max_steps: 2, batch_size: 4}\n"
+        f"eval: {{max_new_tokens: 4}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    proc = tunelab("train", str(recipe))
+    assert "held out (evaluated): task012_longer_name" in proc.stderr
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(ev["by_task"]) == {"task012_longer_name"} and ev["n"] == 4
+    assert 0 <= ev["rouge_l"] <= 1 and "held_out_exact_match" in ev
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["sni"]["train_tasks"] == {"task001_reverse_name": 8, "task003_first_letter": 8}

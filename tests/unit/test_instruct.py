@@ -105,7 +105,8 @@ def test_held_out_templates_and_tasks_never_reach_training(tmp_path, names_file)
         "tasks": [{"builtin": "reverse", "held_out_templates": [1, "3"]}, {"builtin": "length"},
                   {"builtin": "uppercase"}],
         "held_out_tasks": ["uppercase"]}))
-    pairs, report = generation_pairs(cfg)
+    pairs, extra = generation_pairs(cfg)
+    report = extra["mixture"]
     train_groups = Counter(p.group for p in pairs["train"])
     assert "reverse/1" not in train_groups and "reverse/3" not in train_groups
     assert not any(g.startswith("uppercase/") for g in train_groups)
@@ -169,7 +170,8 @@ def test_mixture_proportions_within_tolerance_for_a_fixed_seed(tmp_path, names_f
         "mixing": "weighted", "total": 400,
         "tasks": [{"builtin": "reverse", "weight": 2}, {"builtin": "length", "weight": 1},
                   {"builtin": "uppercase", "weight": 1}]}))
-    pairs, report = generation_pairs(cfg)
+    pairs, extra = generation_pairs(cfg)
+    report = extra["mixture"]
     counts = Counter(p.group.split("/")[0] for p in pairs["train"])
     assert abs(counts["reverse"] / 400 - 0.5) <= 0.01
     assert abs(counts["length"] / 400 - 0.25) <= 0.01 and abs(counts["uppercase"] / 400 - 0.25) <= 0.01

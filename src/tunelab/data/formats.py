@@ -30,6 +30,7 @@ class Pair:
     record: dict[str, Any] = field(default_factory=dict)
     group: str | None = None  # instruction tuning: "task/template"
     held_out: bool = False  # a held-out template or task (never trained on)
+    references: list[str] | None = None  # several valid completions (scored as the best match)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Example:
     shown: str | None = None  # what tables show as the input (default: the prompt)
     group: str | None = None  # instruction tuning: "task/template", scored separately
     held_out: bool = False
+    references: list[str] | None = None  # every valid completion (default: the completion)
 
     @property
     def n_supervised(self) -> int:
@@ -199,7 +201,7 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
         ids, labels = mask_prompt(list(p_ids), t_ids)
         out.append(Example(ids, labels, pair.prompt, pair.completion, pair.where, record=pair.record,
                            prompt_len=len(p_ids), weight=example_weight(pair.record, cfg, pair.where),
-                           group=pair.group, held_out=pair.held_out))
+                           group=pair.group, held_out=pair.held_out, references=pair.references))
         stats.lengths.append(len(ids))
         stats.supervised.append(len(t_ids))
     stats.kept = len(out)
@@ -357,7 +359,12 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
 
 
 def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any] | None]:
-    """Prompt/completion pairs of every split, and (instruction tuning) the mixture report."""
+    """Prompt/completion pairs of every split, and (instruction tuning) the mixture or task report."""
+    if cfg.sni.dir is not None:
+        from .sni import sni_pairs
+
+        pairs, report = sni_pairs(cfg)
+        return pairs, {"sni": report}
     if cfg.instruct.tasks:
         from .instruct import instruct_pairs
 
@@ -370,7 +377,8 @@ def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]
                 cache[key] = split_records(dataclasses.replace(cfg.data, train=src), cfg.train.seed)
             return cache[key]
 
-        return instruct_pairs(cfg, records_of)
+        pairs, mixture = instruct_pairs(cfg, records_of)
+        return pairs, {"mixture": mixture}
     records = split_records(cfg.data, cfg.train.seed)
     return {name: to_pairs(records[name], cfg.data) for name in ("train", "validation", "test")}, None
 
@@ -380,9 +388,8 @@ def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str,
     the label names."""
     stats: dict[str, Any] = {}
     if cfg.task == "generation":
-        pairs, mixture = generation_pairs(cfg)
-        if mixture is not None:
-            stats["mixture"] = mixture
+        pairs, extra = generation_pairs(cfg)
+        stats.update(extra or {})
         records: dict[str, list[Record]] = {}
     else:
         records = split_records(cfg.data, cfg.train.seed)

@@ -164,6 +164,8 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
         key["chat"] = dataclasses.asdict(cfg.chat)
     if cfg.instruct.tasks:  # the tasks, templates and mixture decide the examples
         key["instruct"] = dataclasses.asdict(cfg.instruct)
+    if cfg.sni.dir is not None:
+        key["sni"] = dataclasses.asdict(cfg.sni)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -370,6 +372,10 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         from ..data.instruct import mixture_table
 
         say(mixture_table(data_stats["mixture"]), quiet)
+    if "sni" in data_stats:
+        sni = data_stats["sni"]
+        say(f"tasks: trained on {', '.join(sni['train_tasks'])}; held out (evaluated): "
+            f"{', '.join(sni['eval_tasks'])}", quiet)
     if cfg.task == "classification":
         model = make_classifier(model, cfg, labels)
     else:
