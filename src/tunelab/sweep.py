@@ -62,8 +62,8 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     for spec in specs:
         name, colon, rest = spec.partition(":")
         name = name.strip()
-        if not colon or not name or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise TunelabError(f"expected NAME: key=value ..., with a name of letters, digits, . _ -; got {spec!r}",
+        if not colon or not name or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+            raise TunelabError(f"expected NAME: key=value ..., with a name of letters, digits, . _ + -; got {spec!r}",
                                "--variant")
         if name in variants:
             raise TunelabError(f"variant {name} is given twice", f"--variant {spec}")
