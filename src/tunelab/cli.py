@@ -63,21 +63,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                f"({', '.join(labels[:8])})", str(target))
     else:
         model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
-    check_probes(cfg)
+    check_probes(cfg, examples)
     base = None
     if args.base:
         if not is_run:
             raise TunelabError("--base compares a run with its base model: give a run directory", str(target))
         say(f"evaluating the base model ({cfg.model.name}) ...", args.quiet)
-        if hasattr(getattr(model, "lm", model), "disable_adapter"):
+        if cfg.task == "classification":
+            raise TunelabError("a classifier's trained head has no base to compare with", "--base")
+        if hasattr(model, "disable_adapter"):
             with base_model_view(model):
                 base = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet, labels)
-        elif cfg.task != "classification":
+        else:
             base_model, _ = load_model(cfg.model)
             base = evaluate_run(base_model, tok, cfg, examples, splits["validation"], args.quiet, labels)
             del base_model
-        else:
-            raise TunelabError("a classifier's head has no base to compare with", "--base")
     res = evaluate_run(model, tok, cfg, examples, splits["validation"], args.quiet, labels)
     if "samples" in res:
         print(before_after_table(base if base and "samples" in base else None, res, cfg.eval.show)
@@ -476,6 +476,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_compare, write_report
+
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not (r / "config.yaml").exists():
+            raise TunelabError("not a run directory (no config.yaml)", str(r))
+    if len(runs) == 1 and not args.out:
+        print(write_report(runs[0]))
+        return 0
+    out = Path(args.out or "runs/compare.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(write_compare(runs, out))
+    return 0
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("TUNELAB_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
 
@@ -605,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "'lora-r4: train.mode=lora lora.r=4')")
     sw.add_argument("--out", help="directory of the sweep (default runs/sweep-<recipe>)")
     sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="write a run's report.html, or compare several runs in one page",
+                        epilog=EPILOG)
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="the comparison page (default runs/compare.html; with one run: RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)

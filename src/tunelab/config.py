@@ -187,7 +187,7 @@ class TaskConfig:
     options_style: str = field(default="dash", metadata=_choices("dash", "letter", "number"))
     shuffle_options: bool = False  # shuffle the options of each example (seeded)
     weight: float = 1.0  # mixing weight (instruct.mixing=weighted)
-    cap: int | None = None  # at most this many examples (default: instruct.cap)
+    cap: int | None = None  # at most this many of its records (default: instruct.cap); weighted mixing may repeat them
     held_out_templates: list[int | str] = field(default_factory=list)  # indices or names: evaluation only
 
 
@@ -240,6 +240,7 @@ class OutputConfig:
     dir: str | None = None  # default: runs/<recipe name>
     overwrite: bool = False
     save_model: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb | mlflow; none: only jsonl
 
 
 @dataclass
@@ -605,7 +606,9 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     need(bool(cfg.lora.targets), "lora.targets", "must name at least one module (or all-linear)")
     d = cfg.data
-    need(d.train is not None or cfg.sni.dir is not None, "data.train", "a training source is required")
+    need(d.train is not None or cfg.sni.dir is not None
+         or (bool(cfg.instruct.tasks) and all(tc.source is not None for tc in cfg.instruct.tasks)),
+         "data.train", "a training source is required")
     need(d.max_length >= 2, "data.max_length", "must be at least 2")
     for k in ("validation_size", "test_size"):
         v = getattr(d, k)
@@ -635,6 +638,13 @@ def _check(cfg: Config, loc: _Located) -> None:
         need(k.top_k >= 1, "kd.top_k", "must be at least 1")
         need(k.chunk >= 1, "kd.chunk", "must be at least 1")
         need(k.teacher is not None, "kd.teacher", "kd.cache needs the teacher it caches (kd.teacher)")
+    if cfg.instruct.tasks:
+        need(cfg.task == "generation", "instruct.tasks",
+             f"instruction-tuning tasks are a generation task, not {cfg.task}")
+    if t.early_stopping_patience is not None:
+        need(not cfg.instruct.tasks and cfg.sni.dir is None, "train.early_stopping_patience",
+             "early stopping would choose the checkpoint on the held-out templates and tasks it then reports; "
+             "not with instruct.tasks or sni.dir")
     sn = cfg.sni
     if sn.dir is not None:
         need(cfg.task == "generation", "sni.dir", "Super-NaturalInstructions tasks are a generation task")

@@ -11,7 +11,7 @@ from .data.batching import collate
 from .data.formats import Example
 from .data.templates import render
 from .generate import generate
-from .metrics import best_of, exact_match, normalize, rouge_l
+from .metrics import answer_match, best_of, exact_match, normalize, rouge_l
 from .train.forward import causal_lm_loss_sum
 
 
@@ -53,8 +53,9 @@ def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens
     for e, (out,) in zip(examples, outputs):
         shown = render(display, e.record, e.where, "eval.display") if display else (e.shown or e.prompt)
         refs = e.references or [e.completion]
+        match = answer_match if e.references else exact_match  # several valid answers: SNI's normalised match
         row = {"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
-               "correct": bool(best_of(exact_match, out, refs)), "rouge_l": best_of(rouge_l, out, refs)}
+               "correct": bool(best_of(match, out, refs)), "rouge_l": best_of(rouge_l, out, refs)}
         if e.group is not None:
             row.update(group=e.group, held_out=e.held_out)
         rows.append(row)

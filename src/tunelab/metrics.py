@@ -3,7 +3,7 @@
 ROUGE-L (Lin 2004) is the F-measure of the longest common subsequence of the two token sequences:
 P = LCS / len(prediction), R = LCS / len(reference), F = 2PR / (P + R). Tokens are lower-cased runs of
 letters and digits, as in the reference implementation's default tokenizer (rouge_score, without
-stemming).
+stemming; SNI's official scorer also stems words, so its ROUGE-L on inflected words is higher).
 """
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ def normalize(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> bool:
     """Equal after collapsing whitespace (the completion's leading space is not part of the answer)."""
     return normalize(prediction) == normalize(reference)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed (SNI's normalisation for exact match)."""
+    import string
+
+    return " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())
+
+
+def answer_match(prediction: str, reference: str) -> bool:
+    """Exact match after normalize_answer: "Paris." matches "paris"."""
+    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 def contains(prediction: str, reference: str) -> bool:

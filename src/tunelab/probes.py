@@ -36,7 +36,7 @@ def load_variations(spec: str):
         if spec not in builtin_tasks():
             raise TunelabError(f"not a built-in task ({', '.join(builtin_tasks())}) nor a .yaml/.json file",
                                f"eval.variations={spec}")
-        return resolve_task(TaskConfig(name=spec, builtin=spec), 0)
+        return resolve_task(TaskConfig(name=spec, builtin=spec), 0, key=f"eval.variations={spec}")
     path = Path(spec)
     if not path.is_file():
         raise TunelabError("variations file not found", spec)
@@ -51,9 +51,7 @@ def load_variations(spec: str):
     if not isinstance(raw, dict) or not isinstance(raw.get("templates"), list) or not raw["templates"]:
         raise TunelabError("expected a list of templates ({prompt, completion}) or a mapping with templates", spec)
     raw.setdefault("name", path.stem)
-    task = resolve_task(parse_section(TaskConfig, raw, spec), 0)
-    task.key = spec
-    return task
+    return resolve_task(parse_section(TaskConfig, raw, spec), 0, key=spec)
 
 
 def trained_templates(cfg: Config) -> set[tuple[str, str]]:
@@ -68,8 +66,9 @@ def trained_templates(cfg: Config) -> set[tuple[str, str]]:
     return set()
 
 
-def variation_examples(cfg: Config, tok, examples: list) -> list:
-    """The evaluation items (distinct source records), each rendered under every variation."""
+def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True) -> list:
+    """The evaluation items (distinct source records), each rendered under every variation
+    (``tokenize=False``: the pairs only, to check that they render)."""
     import random
 
     from .data.formats import encode
@@ -90,6 +89,8 @@ def variation_examples(cfg: Config, tok, examples: list) -> list:
             p.group = f"variations/{tmpl.name}"
             p.held_out = (tmpl.prompt, tmpl.completion) not in trained
             pairs.append(p)
+    if not tokenize:
+        return pairs
     out, _ = encode(pairs, tok, cfg.data, "variations")
     return out
 

@@ -47,6 +47,14 @@ def parse_task(text: str) -> dict[str, str] | None:
             "output": m.group("output").strip()}
 
 
+def cut_off(text: str, tok, max_new_tokens: int) -> bool:
+    """The generation ran out of tokens in the middle of its task: it neither wrote the next "Task N"
+    header nor stopped (EOS) before max_new_tokens."""
+    if re.search(r"\n\s*Task \d+", text):
+        return False
+    return len(tok(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
+
+
 def reject_reason(task: dict[str, str] | None, pool: list[str], threshold: float, min_words: int = 3,
                   max_words: int = 150) -> str | None:
     """Why a generated task is not kept, or None to keep it."""
@@ -115,6 +123,8 @@ def self_instruct(model, tok, seeds: list[dict[str, str]], rounds: int, per_roun
             stats.generated += 1
             task = parse_task(text)
             why = reject_reason(task, pool, threshold)
+            if why is None and cut_off(text, tok, max_new_tokens):
+                why = "cut off at max_new_tokens"
             if why is not None:
                 stats.rejected[why] = stats.rejected.get(why, 0) + 1
                 continue

@@ -67,7 +67,10 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
                                "--variant")
         if name in variants:
             raise TunelabError(f"variant {name} is given twice", f"--variant {spec}")
-        items = shlex.split(rest)
+        try:
+            items = shlex.split(rest)
+        except ValueError as e:
+            raise TunelabError(f"variant {name}: {e}", f"--variant {spec}") from None
         if not items:
             raise TunelabError(f"variant {name} sets nothing", f"--variant {spec}")
         for item in items:
@@ -104,6 +107,11 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
     if variants:
         axes = [(VARIANT, list(variants)), *axes]
     grid = cells(axes)
+    names = [cell_name(a) for a in grid]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise TunelabError(f"two cells would share the directory {clash[0]}: give the variants distinct names",
+                           "sweep")
     # every cell's configuration is checked before anything runs
     for assign in grid:
         load_config(recipe, [*overrides, *overrides_of(assign, variants), f"output.dir={out / cell_name(assign)}"])
@@ -112,6 +120,11 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
     for i, assign in enumerate(grid, 1):
         d = out / cell_name(assign)
         label = ", ".join(f"{k}={v}" for k, v in assign)
+        cell_overrides = [*overrides, *overrides_of(assign, variants)]
+        if (d / "cell.json").exists() and json.loads((d / "cell.json").read_text()) != cell_overrides:
+            raise TunelabError(f"the cell {label} was run with other overrides "
+                               f"({json.loads((d / 'cell.json').read_text())}): remove it, or sweep into another --out",
+                               str(d))
         if (d / "eval.json").exists():
             print(f"[{i}/{len(grid)}] {label}: finished before", file=sys.stderr)
         else:
@@ -121,6 +134,8 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
             if (d / "checkpoints").is_dir():
                 cmd.append("--resume")
             proc = subprocess.run(cmd, env={**os.environ}, stderr=subprocess.PIPE, text=True)
+            if d.is_dir() and not (d / "cell.json").exists():
+                atomic.write_json(d / "cell.json", cell_overrides)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
                 raise TunelabError(f"the run {label} failed (exit {proc.returncode}): {last}; fix it and run the "

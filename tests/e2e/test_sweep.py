@@ -77,14 +77,26 @@ def test_variants_are_one_axis_of_named_override_sets(tmp_path, tiny_model, name
     cfg = (out / rows[1]["run"] / "config.yaml").read_text()
     assert "r: 2" in cfg and "lr: 0.001" in cfg
     assert "| variant | train.lr |" in (out / "sweep.md").read_text()
+    # a variant that changed its overrides is not taken for the finished cell of the same name
+    changed = tunelab("sweep", str(recipe), "--variant", "full: train.mode=full train.max_steps=3",
+                      "--over", "train.lr=0.001", "--out", str(out), check=False)
+    assert changed.returncode == 2 and "was run with other overrides" in changed.stderr
 
 
 @pytest.mark.parametrize("variant,expected", [
     ("nocolon train.mode=full", "expected NAME: key=value"),
     ("a: train.moed=full", "unknown key train.moed"),
     ("a:", "variant a sets nothing"),
+    ('a: data.prompt="x', "variant a: No closing quotation"),
 ])
 def test_bad_variants(tmp_path, tiny_model, names_file, variant, expected):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
     proc = tunelab("sweep", str(recipe), "--variant", variant, check=False)
     assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1]
+
+
+def test_variants_that_would_share_a_directory(tmp_path, tiny_model, names_file):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    proc = tunelab("sweep", str(recipe), "--variant", "a+b: train.lr=0.1", "--variant", "a_b: train.lr=0.2",
+                   check=False)
+    assert proc.returncode == 2 and "two cells would share the directory" in proc.stderr

@@ -323,7 +323,11 @@ def test_variations_from_a_file(tmp_path):
     f.write_text("- {prompt: 'Flip {name}:', completion: ' {name|reverse}'}\n"
                  "- {name: backwards, prompt: '{name} backwards:', completion: ' {name|reverse}'}\n")
     task = load_variations(str(f))
-    assert [t.name for t in task.templates] == ["v/0", "backwards"]
+    assert [t.name for t in task.templates] == ["v/0", "v/backwards"]
+    f.write_text("- {prompt: 'Flip {name|bogus}:', completion: ' {name|reverse}'}\n")
+    with pytest.raises(TunelabError) as e:
+        load_variations(str(f))
+    assert "unknown filter 'bogus'" in str(e.value) and e.value.where.startswith(str(f))
     assert len(load_variations("reverse").templates) == 8
     f.write_text("prompt: x\n")
     with pytest.raises(TunelabError, match="expected a list of templates"):
@@ -359,3 +363,62 @@ def test_resolve_tasks_names_held_out_templates():
     cfg.instruct.tasks = [TaskConfig(builtin="reverse", held_out_templates=["reverse/2", 3])]
     (task,) = resolve_tasks(cfg)
     assert [t.name for t in task.templates if t.held_out] == ["reverse/2", "reverse/3"]
+
+
+def test_a_task_with_its_own_source_is_split_by_itself(tmp_path, names_file):
+    other = tmp_path / "colors.jsonl"
+    other.write_text("".join(json.dumps({"name": c}) + "\n" for c in ["red", "blue", "green", "pink", "cyan"] * 10))
+    val = tmp_path / "val.txt"
+    val.write_text("emma\nolivia\n")
+    cfg = load_config(recipe(tmp_path, names_file, {"tasks": [
+        {"builtin": "reverse"}, {"name": "colors", "source": str(other), "held_out_templates": [1],
+                                 "templates": [{"prompt": "{name}?", "completion": " {name|upper}"},
+                                               {"prompt": "Shout {name}:", "completion": " {name|upper}"}]}]},
+        data={"validation": {"path": str(val), "text_field": "name"}, "validation_size": 2}))
+    pairs, _ = generation_pairs(cfg)
+    colors_val = [p for p in pairs["validation"] if p.group.startswith("colors/")]
+    assert colors_val and all(p.record["name"] in {"red", "blue", "green", "pink", "cyan"} for p in colors_val)
+    reverse_val = {p.record["name"] for p in pairs["validation"] if p.group.startswith("reverse/")}
+    assert reverse_val == {"emma", "olivia"}  # data.validation serves the tasks reading data.train
+
+
+def test_held_out_templates_with_nothing_to_score_them_on_are_an_error(tmp_path, names_file):
+    cfg = load_config(recipe(tmp_path, names_file, {"tasks": [{"builtin": "reverse", "held_out_templates": [1]}]},
+                             data={"validation_size": 0}))
+    with pytest.raises(TunelabError, match="reverse/1 held out, but the task has no validation or test records"):
+        generation_pairs(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task=chat"], "instruction-tuning tasks are a generation task"),
+    (["train.early_stopping_patience=2", "train.eval_every=5"], "early stopping would choose the checkpoint"),
+])
+def test_instruct_config_rules(tmp_path, names_file, overrides, message):
+    with pytest.raises(TunelabError, match=message):
+        load_config(recipe(tmp_path, names_file, {"tasks": [{"builtin": "reverse"}]}), overrides)
+
+
+def test_task_and_template_names_cannot_collide(tmp_path, names_file):
+    bad = [{"name": "a/b", "templates": [{"prompt": "{name}", "completion": "x"}]},
+           {"name": "t", "templates": [{"prompt": "{name}", "completion": "x"},
+                                       {"name": "0", "prompt": "{name}!", "completion": "x"}]}]
+    for task, msg in zip(bad, ["cannot hold '/'", "duplicate template names"]):
+        with pytest.raises(TunelabError, match=msg):
+            generation_pairs(load_config(recipe(tmp_path, names_file, {"tasks": [task]})))
+
+
+def test_sni_exact_match_normalises_case_and_punctuation():
+    from tunelab.metrics import answer_match
+
+    assert answer_match("Paris.", "paris") and answer_match(" Yes!", "yes") and not answer_match("no", "yes")
+
+
+def test_a_generation_cut_off_by_the_token_budget_is_not_kept():
+    from tunelab.selfinstruct import cut_off
+
+    def tok(text, add_special_tokens=False):  # one token a word
+        return {"input_ids": text.split()}
+
+    assert cut_off(" Add them.\nInput: 1 2\nOutput: the sum is", tok, 8)  # 8 words: ran out of tokens
+    assert not cut_off(" Add them.\nInput: 1 2\nOutput: 3\n\nTask 4\nInstruction: more words here", tok, 8)
+    assert not cut_off(" Add them.\nInput: 1\nOutput: 3", tok, 20)  # stopped by itself

@@ -371,10 +371,13 @@ def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]
         cache: dict[str, dict[str, list[Record]]] = {}
 
         def records_of(tc) -> dict[str, list[Record]]:
-            src = tc.source or cfg.data.train
-            key = repr(src)
+            if tc.source is None:  # data.train, split as the recipe says (with data.validation/test if given)
+                key, data = "data", cfg.data
+            else:  # a task's own source is split by data.validation_size / test_size
+                key = repr(tc.source)
+                data = dataclasses.replace(cfg.data, train=tc.source, validation=None, test=None)
             if key not in cache:
-                cache[key] = split_records(dataclasses.replace(cfg.data, train=src), cfg.train.seed)
+                cache[key] = split_records(data, cfg.train.seed)
             return cache[key]
 
         pairs, mixture = instruct_pairs(cfg, records_of)

@@ -58,12 +58,15 @@ def builtin_templates(name: str, key: str) -> list[TemplateConfig]:
     return [TemplateConfig(**t) for t in tasks[name]["templates"]]
 
 
-def resolve_task(tc: TaskConfig, index: int) -> Task:
-    """A task's full template set (built-in ones first, then the recipe's) with held-out marks, checked."""
+def resolve_task(tc: TaskConfig, index: int, key: str | None = None) -> Task:
+    """A task's full template set (built-in ones first, then the recipe's) with held-out marks, checked.
+    ``key`` names where the task is declared in errors (default: its place in instruct.tasks)."""
     name = tc.name or tc.builtin or ""
-    key = f"instruct.tasks[{name or index}]"
+    key = key or f"instruct.tasks[{name or index}]"
     if not name:
         raise TunelabError("a task needs a name (or a builtin)", key)
+    if "/" in name:
+        raise TunelabError(f"a task name cannot hold '/': {name!r}", key)
     if tc.builtin is not None:
         spec = builtin_tasks().get(tc.builtin)
         if spec is None:
@@ -76,7 +79,7 @@ def resolve_task(tc: TaskConfig, index: int) -> Task:
         raise TunelabError("the task has no templates (give templates, or a builtin task)", key)
     templates = []
     for i, t in enumerate(raw):
-        tname = t.name or f"{name}/{i}"
+        tname = f"{name}/{t.name}" if t.name and not t.name.startswith(name + "/") else t.name or f"{name}/{i}"
         for part in ("prompt", "completion"):
             text = getattr(t, part)
             if not text.strip():
@@ -85,7 +88,8 @@ def resolve_task(tc: TaskConfig, index: int) -> Task:
         templates.append(Template(tname, t.prompt, t.completion))
     names = [t.name for t in templates]
     if len(set(names)) != len(names):
-        raise TunelabError(f"duplicate template names: {sorted({n for n in names if names.count(n) > 1})}", key)
+        raise TunelabError(f"duplicate template names (numbered ones are <task>/<index>): "
+                           f"{sorted({n for n in names if names.count(n) > 1})}", key)
     for h in tc.held_out_templates:
         if isinstance(h, int) and not isinstance(h, bool):
             if not 0 <= h < len(templates):
@@ -93,7 +97,7 @@ def resolve_task(tc: TaskConfig, index: int) -> Task:
                                    f"numbered from 0)", key)
             templates[h].held_out = True
         else:
-            match = [t for t in templates if t.name == h or t.name == f"{name}/{h}"]
+            match = [t for t in templates if t.name == f"{name}/{h}" or t.name == h]
             if not match:
                 raise TunelabError(f"held_out_templates: no template named {h!r} (names: {', '.join(names)})", key)
             match[0].held_out = True
@@ -222,6 +226,11 @@ def instruct_pairs(cfg: Config, records_of) -> tuple[dict[str, list], dict[str, 
                     p.held_out = tmpl.held_out or held_task
                     pairs.append(p)
         out[split] = pairs
+    for t in tasks:  # what is held out must be scored somewhere
+        held = [tm.name for tm in t.templates if tm.held_out] if t.name not in ic.held_out_tasks else [t.name]
+        if held and not (records[t.name]["validation"] or records[t.name]["test"]):
+            raise TunelabError(f"{', '.join(held)} held out, but the task has no validation or test records to "
+                               "score them on: set data.validation_size (or a validation source)", t.key)
     total = sum(counts.values())
     report = {"mixing": ic.mixing, "choose": ic.choose, "examples": total, "tasks": {
         t.name: {"records": len(records[t.name]["train"]), "examples": counts.get(t.name, 0),

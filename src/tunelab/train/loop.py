@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic, faults
+from .. import atomic, faults, tracking
 from ..classify import SequenceClassifier, classifier_loss_sum
 from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
@@ -40,6 +40,7 @@ from ..evaluate import (
     validation_loss,
 )
 from ..models import load_model, load_tokenizer, resolve_model_path
+from ..tracking import Trackers
 from . import checkpoint as ckpt
 from .forward import causal_lm_loss_sum
 from .objectives import EarlyStopping, lr_factor
@@ -64,7 +65,7 @@ def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list
     if name == "auto":
         name = "test" if splits["test"] else "validation"
     examples = splits[name]
-    if cfg.eval.max_examples is not None and not cfg.instruct.tasks:  # instruct: already per task and template
+    if cfg.eval.max_examples is not None and not cfg.instruct.tasks and cfg.sni.dir is None:  # capped per task
         examples = examples[: cfg.eval.max_examples]
     return name, examples
 
@@ -234,14 +235,17 @@ def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> 
     return out
 
 
-def check_probes(cfg: Config) -> None:
-    """Read the variations and the control set up front, so that a bad one fails before training."""
+def check_probes(cfg: Config, examples: list[Example] | None = None) -> None:
+    """Read the variations and the control set up front, so that a bad one fails before training
+    (the variations are rendered on the first evaluation item, so a missing field shows now)."""
     from .. import probes
 
     if cfg.eval.variations:
         if cfg.task != "generation":
             raise TunelabError("prompt variations are for generation tasks", "eval.variations")
         probes.load_variations(cfg.eval.variations)
+        if examples:
+            probes.variation_examples(cfg, None, examples[:1], tokenize=False)
     if cfg.eval.control:
         if cfg.task == "classification":
             raise TunelabError("a control set is scored by generation: not for classification tasks", "eval.control")
@@ -360,7 +364,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     train_ex = splits["train"]
     split_name, eval_ex = eval_split(cfg, splits)
     val_ex = splits["validation"]
-    check_probes(cfg)
+    check_probes(cfg, eval_ex)
+    tracker_names = tracking.check(cfg.output.report_to)
     model, tok = load_model(cfg.model, model_path, tok)
     device = next(model.parameters()).device
     if cfg.train.dropout is not None:
@@ -450,8 +455,12 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             atomic.write_json(run / "data_stats.json", data_stats)
             if "mixture" in data_stats:
                 atomic.write_json(run / "mixture.json", data_stats["mixture"])
+            from ..report import data_samples
+
+            atomic.write_json(run / "data_samples.json", data_samples(train_ex, tok))
         if before is not None and not before_path.exists():
             atomic.write_json(before_path, before)
+    trackers = Trackers(tracker_names, run, cfg.to_dict(), cfg.name) if d.main and tracker_names else None
     d.barrier()
 
     # ---- loop
@@ -561,6 +570,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             if metrics is not None:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+            if trackers is not None:
+                trackers.log(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}", skipped=skipped)
             if bar.disable and cfg.train.log_every and (step % cfg.train.log_every == 0 or step == steps):
@@ -585,6 +596,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 break
             if stopping and step < steps:
                 bar.close()
+                if trackers is not None:
+                    trackers.close()
                 raise Interrupted(f"stopped by {stop.signal or 'a signal to another process'} after step {step} "
                                   f"of {steps}; a checkpoint was written: continue with --resume", str(run))
     bar.close()
@@ -630,6 +643,12 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         print(f"validation loss: {after['val_loss']:.4f}" +
               (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
     atomic.write_json(run / "eval.json", result)
+    if trackers is not None:
+        trackers.summary(result, step)
+        trackers.close()
+    from ..report import write_report
+
+    say(f"report: {write_report(run)}", quiet)
     say(f"run directory: {run}", quiet)
     return run
 
