@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv demo demo-long test lint clean
+.PHONY: venv browser demo demo-long test lint clean
 
 venv: $(VENV)/.installed
 
@@ -28,7 +28,14 @@ demo: venv
 demo-long: venv
 	$(VENV)/bin/tunelab train recipes/reverse_names_long.yaml output.overwrite=true
 
-test: venv
+# headless Chromium for the report's browser test (Debian's package; skipped with a note where it cannot be had)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	    elif command -v sudo >/dev/null 2>&1; then sudo -n apt-get install -y -q chromium; else false; fi; } >/dev/null 2>&1 || \
+	  echo "note: chromium could not be installed; the report's browser test will be skipped"
+
+test: venv browser
 	$(PY) -m pytest -q
 
 lint: venv
