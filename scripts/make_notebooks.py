@@ -17,8 +17,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SETUP = '''import json, os, shlex
+SETUP = '''import os
+import shlex
 from pathlib import Path
+
 import tunelab
 
 ROOT = Path.cwd().parent if Path.cwd().name == "examples" else Path.cwd()
@@ -63,7 +65,7 @@ NOTEBOOKS = {
         '    r = results[mode]\n'
         '    print(f"{mode:>5}: accuracy {r[\'accuracy\']:.1%}, macro-F1 {r[\'macro_f1\']:.3f}, "\n'
         '          f"{r[\'trainable_parameters\']:,} trainable parameters, {r[\'train_time_s\']} s")',
-        "from tunelab.evaluate import format_confusion\nprint(format_confusion(results['lora']))",
+        "from tunelab.evaluate import format_confusion\n\nprint(format_confusion(results['lora']))",
     ],
     "03_instruction_tuning": [
         "# Instruction tuning: many tasks, many templates, held-out templates and tasks\n\nFLAN-style: each "
@@ -72,7 +74,7 @@ NOTEBOOKS = {
         "sophia backwards?\".",
         SETUP,
         'cfg = recipe("instruct_names")\nfor line in tunelab.examples(cfg, n=4):\n    print(line)',
-        "run = tunelab.train(cfg, quiet=True)\nres = tunelab.results(run)\n"
+        "import json\n\nrun = tunelab.train(cfg, quiet=True)\nres = tunelab.results(run)\n"
         'print(json.dumps(json.loads((run / "mixture.json").read_text())["tasks"]["reverse"], indent=1))',
         "## Exact match per task: trained templates, held-out templates, the held-out task",
         'for task, r in res["by_task"].items():\n'
@@ -103,10 +105,10 @@ NOTEBOOKS = {
         'teacher = tunelab.train(recipe("reverse_names", run="nb_teacher"), quiet=True)\n'
         'print("teacher:", f"{tunelab.results(teacher)[\'exact_match\']:.1%}")',
         'student_dir = tunelab.student(teacher, RUNS / "nb_student", keep_every=3)\n'
-        'kd = tunelab.train(recipe("distill_names", f"model={student_dir}", f"kd.teacher={teacher}", '
-        '"kd.cache=null", run="nb_kd"), quiet=True)\n'
-        'gold = tunelab.train(recipe("distill_names", f"model={student_dir}", "kd.teacher=null", '
-        '"kd.cache=null", run="nb_gold"), quiet=True)\n'
+        'kd = tunelab.train(recipe("distill_names", f"model={student_dir}", f"kd.teacher={teacher}",\n'
+        '                          "kd.cache=null", run="nb_kd"), quiet=True)\n'
+        'gold = tunelab.train(recipe("distill_names", f"model={student_dir}", "kd.teacher=null",\n'
+        '                            "kd.cache=null", run="nb_gold"), quiet=True)\n'
         'for name, run in [("gold SFT", gold), ("token-level KD", kd)]:\n'
         '    print(f"student, {name}: {tunelab.results(run)[\'exact_match\']:.1%}")',
     ],

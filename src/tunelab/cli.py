@@ -521,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pre-trained language models.",
                                 epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output (for CI and logs)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="how much tunelab logs (default info; warning with --quiet)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model from a recipe", epilog=EPILOG)
@@ -570,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="write a model's completions over a prompt set as JSONL "
-                                        "(sequence-level distillation, an augmented teacher)")
+                                        "(sequence-level distillation, an augmented teacher, Self-Instruct)")
     g.add_argument("target", help="run directory, or a model: alias, local directory or hub id")
     g.add_argument("overrides", nargs="*", help="key=value overrides of --recipe")
     g.add_argument("--recipe", help="take the prompts from this recipe's data, rendered by its template")
@@ -646,8 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    level = args.log_level.upper() if args.log_level else ("WARNING" if args.quiet else "INFO")
+    logging.basicConfig(level=getattr(logging, level), format="%(message)s", stream=sys.stderr)
     try:
         _quiet_libraries()
         return args.func(args)
