@@ -91,3 +91,18 @@ def test_batch_must_divide_among_the_processes(tmp_path, tiny_model, names_file)
     r = recipe(tmp_path, tiny_model, names_file, "lora", "odd")
     proc = torchrun("--quiet", "train", str(r), "train.batch_size=7", check=False)
     assert proc.returncode != 0 and "must be a multiple of the 2 processes" in proc.stderr
+
+
+def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, names_file):
+    """`accelerate launch --multi_gpu` starts its processes through torchrun; on a CPU they talk gloo.
+    (`accelerate launch --cpu` starts one process unless MPI is set up: that path is not data-parallel.)"""
+    tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, "lora", "one")))
+    r = recipe(tmp_path, tiny_model, names_file, "lora", "acc")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli",
+           "train", str(r)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel over 2 processes" in proc.stderr
+    assert_same(tmp_path / "one", tmp_path / "acc")
