@@ -99,9 +99,14 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, names_fi
     tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, "lora", "one")))
     r = recipe(tmp_path, tiny_model, names_file, "lora", "acc")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    import socket
+
+    with socket.socket() as s:  # a free port: accelerate's default (29500) may be taken
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli",
-           "train", str(r)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "tunelab.cli", "train", str(r)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data parallel over 2 processes" in proc.stderr
