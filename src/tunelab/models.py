@@ -77,10 +77,16 @@ def _alias_dir(name: str) -> Path:
     if not (src / alias.gguf_file).exists():
         raise TunelabError(f"{alias.gguf_file} not found in {src}", "model.name")
     log.info("converting %s from GGUF to safetensors in %s (once)", name, target)
+    import sys
+
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    bar = tqdm(total=4, desc=f"convert {name}", unit="stage", disable=not sys.stderr.isatty(), leave=False)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=alias.gguf_file)
+    bar.update(1)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=alias.gguf_file, dtype=torch.float32)
+    bar.update(1)
     # A GGUF-loaded model carries a quantization_config and refuses save_pretrained and training:
     # rebuild a plain model from its config and copy the de-quantised weights in.
     config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
@@ -91,12 +97,15 @@ def _alias_dir(name: str) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise TunelabError(f"GGUF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    bar.update(1)
 
     def write(d: Path) -> None:
         plain.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
     atomic.write_dir(target, write)
+    bar.update(1)
+    bar.close()
     return target
 
 

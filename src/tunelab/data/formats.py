@@ -169,13 +169,26 @@ def example_weight(record: dict, cfg: DataConfig, where: str) -> float:
     return w
 
 
+def tokenize(texts: list[str], tok, special: bool, desc: str, chunk: int = 20_000) -> list[list[int]]:
+    """Token ids of many texts, in chunks, with a progress bar on a terminal when there are many."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    show = len(texts) > chunk and sys.stderr.isatty()
+    for s in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not show, leave=False):
+        out.extend(tok(texts[s:s + chunk], add_special_tokens=special)["input_ids"])
+    return out
+
+
 def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Example], EncodeStats]:
     stats = EncodeStats(total=len(pairs))
     eos = tok.eos_token_id
     if cfg.add_eos and eos is None:
         raise TunelabError("the tokenizer has no EOS token; set data.add_eos=false", "data.add_eos")
-    prompts = tok([p.prompt for p in pairs], add_special_tokens=True)["input_ids"] if pairs else []
-    targets = tok([p.completion for p in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    prompts = tokenize([p.prompt for p in pairs], tok, True, f"tokenize {split}")
+    targets = tokenize([p.completion for p in pairs], tok, False, f"tokenize {split} targets")
     out = []
     for pair, p_ids, t_ids in zip(pairs, prompts, targets):
         if not pair.completion.strip() or not t_ids:
