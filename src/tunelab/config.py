@@ -284,6 +284,16 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (a config as a dict) as {dotted.key: value}."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
 def _dataclass_of(tp: Any) -> type | None:
     if dataclasses.is_dataclass(tp):
         return tp

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .config import flatten
 from .errors import TunelabError
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -319,17 +320,8 @@ def render_compare(runs: list[Path]) -> str:
     return page("tunelab: runs compared", "".join(body))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _config_diff(cfgs: list[dict]) -> list[list[Any]]:
-    flat = [_flatten(c) for c in cfgs]
+    flat = [flatten(c) for c in cfgs]
     keys = sorted(set().union(*flat))
     return [[k, *(json.dumps(f.get(k)) for f in flat)] for k in keys
             if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import flatten
 from .errors import TunelabError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -40,15 +41,6 @@ def check(report_to: list[str]) -> list[str]:
     return out
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _numbers(rec: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in rec.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -61,7 +53,7 @@ class Trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run / "tensorboard"))
-            self.tb.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in _flat(config).items()) + "\n```")
+            self.tb.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flatten(config).items()) + "\n```")
         if "wandb" in names:
             import wandb
 
@@ -75,7 +67,7 @@ class Trackers:
                 mlflow.set_tracking_uri((run / "mlruns").resolve().as_uri())
             mlflow.set_experiment("tunelab")
             mlflow.start_run(run_name=name)
-            params = {k: str(v)[:250] for k, v in _flat(config).items()}
+            params = {k: str(v)[:250] for k, v in flatten(config).items()}
             items = list(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
@@ -93,7 +85,7 @@ class Trackers:
             self.mlflow.log_metrics(values, step=step)
 
     def summary(self, result: dict[str, Any], step: int) -> None:
-        values = {f"eval/{k}": v for k, v in _numbers(_flat({k: v for k, v in result.items()
+        values = {f"eval/{k}": v for k, v in _numbers(flatten({k: v for k, v in result.items()
                                                                  if k not in ("by_task", "confusion")})).items()}
         if self.tb is not None:
             for k, v in values.items():
