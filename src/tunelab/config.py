@@ -113,6 +113,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
     best_metric: str = field(default="val_loss", metadata=_choices("val_loss", "exact_match", "accuracy"))
     min_delta: float = 0.0  # an improvement must beat the best by more than this
+    parallel: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))  # several processes: replicate or shard
 
 
 @dataclass

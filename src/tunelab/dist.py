@@ -7,6 +7,7 @@ the plain single-process case: every helper here is then a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -80,3 +81,104 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], chunk: int):
         return self.loss_fn(self.model, batch, chunk)
+
+
+# ---- FSDP2 (train.parallel=fsdp): parameters, gradients and optimizer state sharded over the processes
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (its largest nn.ModuleList by parameters): each becomes one FSDP unit."""
+    best: tuple[int, torch.nn.ModuleList] | None = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 1:
+            n = sum(p.numel() for p in m.parameters())
+            if best is None or n > best[0]:
+                best = (n, m)
+    return list(best[1]) if best else []
+
+
+def shard(root: torch.nn.Module, d: Dist) -> int:
+    """fully_shard each decoder layer, then the root (which keeps the embeddings, final norm and output
+    head: tied weights stay in one unit). The root must be what every training step calls, so that its
+    parameters are gathered for the whole loss computation. Returns the number of layer units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world,))
+    layers = decoder_layers(root)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(root):
+    """FSDP2 gradient accumulation: no reduce-scatter until the last micro-step (gradients stay unsharded)."""
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def gathered(root):
+    """The root's own parameters all-gathered, for calls that do not go through its forward (evaluation,
+    generation); each layer still gathers itself as it runs. Every process must take part."""
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole (a collective: every process calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_full(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Every tensor gathered whole, one at a time, and kept (on the CPU) by the process with ``keep``."""
+    out = {}
+    for k, v in tensors.items():
+        v = full(v.detach())
+        if keep:
+            out[k] = v.cpu().clone()
+    return out
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer, keep: bool) -> dict:
+    """The optimizer's state_dict with sharded state tensors gathered whole: the same file as one process
+    writes, so a checkpoint resumes under any number of processes, with DDP or FSDP."""
+    sd = opt.state_dict()
+    state = {}
+    for i in sorted(sd["state"]):
+        s = {k: full(v) if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
+        state[i] = {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+    return {"state": state if keep else {}, "param_groups": sd["param_groups"]}
+
+
+def load_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharding it first when the parameter is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
+def shard_optimizer_state(sd: dict, opt: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state (from a checkpoint) sharded like the optimizer's parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        if not isinstance(p, DTensor):
+            continue
+        for k, v in list(s.items()):
+            if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
+                s[k] = distribute_tensor(v.to(p.device, v.dtype), p.device_mesh, p.placements)
+    return sd

@@ -20,8 +20,9 @@ def torchrun(*args: str, nproc: int = 2, env: dict | None = None, check: bool = 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tunelab.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    if check and proc.returncode != 0:  # the workers' own lines first: torchrun's traceback says little
+        ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))[-6000:]
+        raise AssertionError(f"torchrun {' '.join(args)} exited {proc.returncode}\n{ranks}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -111,3 +112,61 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, names_fi
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data parallel over 2 processes" in proc.stderr
     assert_same(tmp_path / "one", tmp_path / "acc")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_matches_one_process(tmp_path, tiny_model, names_file, mode):
+    """train.parallel=fsdp (FSDP2: each decoder layer a unit, parameters/gradients/optimizer state sharded)
+    gives the losses, validation losses and weights of one process, and writes the same files."""
+    def r(out):  # evaluation mid-run (validation loss, generation, the best weights kept) under FSDP too
+        p = recipe(tmp_path, tiny_model, names_file, mode, out)
+        return [str(p), "train.eval_every=3", "train.parallel=fsdp", "eval.generate=true", "eval.max_examples=8",
+                "eval.during_training=true", "train.early_stopping_patience=5"]
+    tunelab("--quiet", "train", *r("one"))
+    proc = torchrun("train", *r("two"))
+    assert "FSDP over 2 processes" in proc.stderr
+    assert_same(tmp_path / "one", tmp_path / "two")
+    rows = {x: [json.loads(line) for line in (tmp_path / x / "metrics.jsonl").read_text().splitlines()]
+            for x in ("one", "two")}
+    assert rows["one"][2]["val_loss"] == pytest.approx(rows["two"][2]["val_loss"], abs=1e-5)
+    assert rows["one"][2]["exact_match"] == rows["two"][2]["exact_match"]
+    one, two = (json.loads((tmp_path / x / "eval.json").read_text()) for x in ("one", "two"))
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    assert two["exact_match"] == one["exact_match"]
+    best = [load_file(str(tmp_path / x / "best" / "trainable.safetensors")) for x in ("one", "two")]
+    assert best[0].keys() == best[1].keys() and all(torch.allclose(best[0][k], best[1][k], atol=1e-5) for k in best[0])
+
+
+def test_a_killed_fsdp_run_resumes_with_any_number_of_processes(tmp_path, tiny_model, names_file):
+    """FSDP checkpoints hold the whole state (gathered), the same files as one process writes."""
+    tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, "full", "one")))
+    r = recipe(tmp_path, tiny_model, names_file, "full", "two")
+    killed = torchrun("train", str(r), "train.parallel=fsdp", env={"TUNELAB_FAULT": "kill-step:5"}, check=False)
+    assert killed.returncode != 0
+    torchrun("train", str(r), "train.parallel=fsdp", "--resume")
+    assert_same(tmp_path / "one", tmp_path / "two")
+    r3 = recipe(tmp_path, tiny_model, names_file, "full", "three")  # FSDP to one process, and to DDP
+    torchrun("train", str(r3), "train.parallel=fsdp", env={"TUNELAB_FAULT": "kill-step:5"}, check=False)
+    tunelab("train", str(r3), "--resume")
+    assert_same(tmp_path / "one", tmp_path / "three")
+    r4 = recipe(tmp_path, tiny_model, names_file, "lora", "four")  # DDP to FSDP
+    tunelab("--quiet", "train", str(recipe(tmp_path, tiny_model, names_file, "lora", "lora1")))
+    torchrun("train", str(r4), env={"TUNELAB_FAULT": "kill-step:5"}, check=False)
+    torchrun("train", str(r4), "train.parallel=fsdp", "--resume")
+    assert_same(tmp_path / "lora1", tmp_path / "four")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distillation_with_a_teacher_on_every_process(tmp_path, tiny_model, names_file, parallel):
+    """Token-level KD from a live teacher: each process loads the teacher (frozen, not wrapped) and scores
+    its own rows; the losses and weights are those of one process."""
+    def r(out):
+        return write_recipe(tmp_path / f"{out}.yaml", tiny_model, names_file,
+                            train={"mode": "full", "max_steps": 4, "batch_size": 8, "lr": 1e-3, "log_every": 1,
+                                   "parallel": parallel},
+                            kd={"teacher": str(tiny_model), "alpha": 0.5, "temperature": 2.0},
+                            eval={"before": False, "generate": False}, output={"dir": str(tmp_path / out)})
+    tunelab("--quiet", "train", str(r("one")))
+    proc = torchrun("train", str(r("two")))
+    assert "distilling from" in proc.stderr
+    assert_same(tmp_path / "one", tmp_path / "two")

@@ -63,13 +63,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write ``step-N`` atomically; a write error (a full disk, say) leaves every earlier checkpoint as it was."""
+def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict, state: dict[str, Any], keep: int) -> Path:
+    """Write ``step-N`` atomically; a write error (a full disk, say) leaves every earlier checkpoint as it was.
+    ``optimizer``: the optimizer, or its state_dict already gathered (FSDP)."""
     bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise TunelabError(f"refusing to write checkpoint step-{step}: non-finite weights in {bad[0]}"
                            + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""), str(ckpt_dir))
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
     try:
@@ -82,7 +84,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor], 
         writers = [
             ("trainable.safetensors", lambda p: save_file(
                 {k: v.detach().cpu().contiguous().clone() for k, v in params.items()}, str(p))),
-            ("optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p)),
+            ("optimizer.pt", lambda p: torch.save(opt_state, p)),
             ("rng.safetensors", lambda p: save_file({k: v.contiguous() for k, v in rng_state().items()}, str(p))),
             ("state.json", lambda p: p.write_text(json.dumps(state, indent=1))),
         ]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic, faults, tracking
+from .. import atomic, dist, faults, tracking
 from ..classify import SequenceClassifier, classifier_loss_sum
 from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
@@ -340,9 +340,8 @@ def base_model_view(model):
 
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
     """Run a recipe end to end; returns the run directory. Under torchrun or accelerate launch, every
-    process runs this: data parallel (DDP), rank 0 writing the run directory."""
-    from .. import dist
-
+    process runs this: data parallel (DDP, or FSDP2 with train.parallel=fsdp), rank 0 writing the run
+    directory."""
     d = dist.setup(cfg.model.device)
     try:
         return _train(cfg, resume, quiet or not d.main, d)
@@ -366,10 +365,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     val_ex = splits["validation"]
     check_probes(cfg, eval_ex)
     tracker_names = tracking.check(cfg.output.report_to)
-    model, tok = load_model(cfg.model, model_path, tok)
-    device = next(model.parameters()).device
-    if cfg.train.dropout is not None:
-        set_dropout(model, cfg.train.dropout)
+    lm, tok = load_model(cfg.model, model_path, tok)
+    device = next(lm.parameters()).device
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
@@ -381,10 +378,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         sni = data_stats["sni"]
         say(f"tasks: trained on {', '.join(sni['train_tasks'])}; held out (evaluated): "
             f"{', '.join(sni['eval_tasks'])}", quiet)
-    if cfg.task == "classification":
-        model = make_classifier(model, cfg, labels)
-    else:
-        model = apply_mode(model, cfg.train, cfg.lora)
+    model = trainable_model(lm, cfg, labels)
+    del lm
     n_train, n_total = count_parameters(model)
     say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
         f"mode={cfg.train.mode}", quiet)
@@ -401,7 +396,19 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         with base_model_view(model):
             before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn, count = objective(cfg)
+    if kd_loss is not None:
+        loss_fn = kd_loss
+    fsdp = d.on and cfg.train.parallel == "fsdp"
+    root = dist.LossModule(model, loss_fn) if d.on else None  # what DDP/FSDP wrap: the model with its loss
+    if fsdp:
+        units = dist.shard(root, d)
+        say(f"FSDP over {d.world} processes: parameters, gradients and optimizer state sharded ({units} decoder "
+            f"layers, each a unit; the root holds the rest); each process takes {cfg.train.batch_size // d.world} "
+            "rows of every micro-batch", quiet)
+    elif d.world == 1 and cfg.train.parallel == "fsdp":
+        log.info("train.parallel=fsdp with one process: nothing to shard, training as usual")
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
                             fused=device.type == "cuda")
@@ -434,8 +441,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                                "(was train.mode or lora changed?)", str(resume_from))
         with torch.no_grad():
             for k, v in saved.items():
-                named[k].copy_(v)
-        opt.load_state_dict(opt_state)
+                dist.load_into(named[k], v.to(device))
+        opt.load_state_dict(dist.shard_optimizer_state(opt_state, opt) if fsdp else opt_state)
         ckpt.set_rng_state(rng)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped", 0)
         if stopper is not None:
@@ -469,18 +476,15 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True)
     t_loop = time.time()
-    loss_fn, count = objective(cfg)
-    if kd_loss is not None:
-        loss_fn = kd_loss
     forward = lambda b, chunk: loss_fn(model, b, chunk)  # noqa: E731
     sync = contextlib.nullcontext
-    if d.on:
+    gathered = contextlib.nullcontext  # FSDP: the root's parameters gathered for evaluation
+    if fsdp:
+        forward, sync, gathered = root, lambda: dist.no_gradient_sync(root), lambda: dist.gathered(root)
+    elif d.on:
         from torch.nn.parallel import DistributedDataParallel
 
-        from ..dist import LossModule
-
-        ddp = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda"
-                                      else None)
+        ddp = DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
         forward, sync = ddp, ddp.no_sync  # gradients are all-reduced on the last micro-step only
         say(f"data parallel over {d.world} processes: each takes {cfg.train.batch_size // d.world} rows of every "
             "micro-batch", quiet)
@@ -516,13 +520,13 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     loss_sum, _ = forward(b, cfg.train.loss_chunk)
                     if faults.active("nan-loss", step + 1):
                         loss_sum = loss_sum * float("nan")
-                    # DDP averages gradients over the processes: scale by their number to get the sum
+                    # DDP and FSDP average gradients over the processes: scale by their number to get the sum
                     (loss_sum * d.world / n_sup).backward()
                 loss_total += float(loss_sum.detach())
             faults.point("kill-step", step + 1)
             loss = d.sum(loss_total) / n_sup
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # inf: measure, don't clip
+            gnorm = float(dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # inf: measure, don't clip
             finite = math.isfinite(loss) and math.isfinite(gnorm)
             if not finite and (cfg.train.nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW):
                 more = (f" ({skipped_in_a_row} steps in a row skipped before it)" if skipped_in_a_row else "")
@@ -547,24 +551,27 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             evaluating = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and (
                 step < steps or stopper is not None)
             stop_now = False
-            if evaluating and d.main:
-                if val_ex:
-                    rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
-                                                            cfg.train.loss_chunk, objective(cfg)[0]), 6)
-                if cfg.eval.during_training and cfg.task == "classification" and eval_ex:
-                    rec["accuracy"] = classification_metrics(model, eval_ex, labels, tok.pad_token_id,
-                                                             cfg.eval.batch_size)["accuracy"]
-                elif cfg.eval.during_training and cfg.eval.generate and eval_ex:
-                    rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
-                                                            cfg.eval.batch_size,
-                                                            stop_ids=stop_ids(cfg, tok))["exact_match"]
-                if stopper is not None and rec.get(cfg.train.best_metric) is not None:
-                    value = rec[cfg.train.best_metric]
-                    if stopper.improved(value):  # the best weights so far, kept apart from the rolling checkpoints
-                        best = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
-                        atomic.write_dir(run / "best", lambda p, b=best, s=step, v=value: _write_best(p, b, s, v, cfg))
-                    stop_now = stopper.update(step, value)
-                    rec["best_step"] = stopper.best_step
+            if evaluating and (d.main or fsdp):  # FSDP: every process takes part, rank 0 records
+                with gathered():
+                    if val_ex:
+                        rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
+                                                                cfg.train.loss_chunk, objective(cfg)[0]), 6)
+                    if cfg.eval.during_training and cfg.task == "classification" and eval_ex:
+                        rec["accuracy"] = classification_metrics(model, eval_ex, labels, tok.pad_token_id,
+                                                                 cfg.eval.batch_size)["accuracy"]
+                    elif cfg.eval.during_training and cfg.eval.generate and eval_ex:
+                        rec["exact_match"] = generation_metrics(model, tok, eval_ex, cfg.eval.max_new_tokens,
+                                                                cfg.eval.batch_size,
+                                                                stop_ids=stop_ids(cfg, tok))["exact_match"]
+                    if stopper is not None and rec.get(cfg.train.best_metric) is not None:
+                        value = rec[cfg.train.best_metric]
+                        if stopper.improved(value):  # the best weights so far, kept apart from the rolling checkpoints
+                            best = dist.gather_full(trainable_state(model), d.main)
+                            if d.main:
+                                atomic.write_dir(run / "best",
+                                                 lambda p, b=best, s=step, v=value: _write_best(p, b, s, v, cfg))
+                        stop_now = stopper.update(step, value)
+                        rec["best_step"] = stopper.best_step
             if evaluating and stopper is not None:
                 stop_now = d.any(stop_now)  # every process stops at the same step
             if metrics is not None:
@@ -580,8 +587,11 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     f"{n_tok / dt:.0f} tok/s{extra}", quiet)
             stopping = d.any(stop.signal is not None)  # read once, agreed by every process
             if step == steps or stopping or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                state_now, opt_now = trainable_state(model), opt
+                if fsdp:  # gathered whole: the checkpoint is the same file as one process writes
+                    state_now, opt_now = dist.gather_full(state_now, d.main), dist.full_optimizer_state(opt, d.main)
                 if d.main:
-                    ckpt.save_checkpoint(run / "checkpoints", step, trainable_state(model), opt,
+                    ckpt.save_checkpoint(run / "checkpoints", step, state_now, opt_now,
                                          {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
                                           "tokens_seen": tokens_seen, "skipped": skipped,
                                           "data_fingerprint": fingerprint, "processes": d.world,
@@ -602,6 +612,11 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                                   f"of {steps}; a checkpoint was written: continue with --resume", str(run))
     bar.close()
     train_time = time.time() - t_loop
+    if fsdp:  # the trained weights gathered whole into rank 0's unsharded copy of the model
+        weights = dist.gather_full(dict(model.named_parameters()), d.main)
+        del root, forward, model, opt, params
+        if d.main:
+            model = _unsharded(cfg, model_path, tok, labels, weights)
     if not d.main:  # rank 0 saves and evaluates; the others are done
         return run
     if stopper is not None and (run / "best" / "trainable.safetensors").exists():
@@ -651,6 +666,29 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     say(f"report: {write_report(run)}", quiet)
     say(f"run directory: {run}", quiet)
     return run
+
+
+def trainable_model(lm, cfg: Config, labels: list[str] | None):
+    """The loaded language model made ready to train: dropout override, then what trains (train.mode,
+    LoRA), or a classifier over it."""
+    if cfg.train.dropout is not None:
+        set_dropout(lm, cfg.train.dropout)
+    if cfg.task == "classification":
+        return make_classifier(lm, cfg, labels)
+    return apply_mode(lm, cfg.train, cfg.lora)
+
+
+def _unsharded(cfg: Config, model_path, tok, labels, weights: dict[str, torch.Tensor]):
+    """A fresh, unsharded model of the run's structure holding the trained ``weights`` (from FSDP)."""
+    lm, _ = load_model(cfg.model, model_path, tok)
+    model = trainable_model(lm, cfg, labels)
+    named = dict(model.named_parameters())
+    if set(weights) != set(named):
+        raise RuntimeError(f"FSDP state does not match the model: {sorted(set(weights) ^ set(named))[:3]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            named[k].copy_(v)
+    return model
 
 
 def _write_best(path: Path, params: dict[str, torch.Tensor], step: int, value: float, cfg: Config) -> None:
