@@ -170,3 +170,19 @@ def test_distillation_with_a_teacher_on_every_process(tmp_path, tiny_model, name
     proc = torchrun("train", str(r("two")))
     assert "distilling from" in proc.stderr
     assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_fsdp_classifier(tmp_path, tiny_model, names_file):
+    """A classification head (owned by the FSDP root) over a LoRA model: one process's losses and accuracy."""
+    def r(out):
+        return write_recipe(
+            tmp_path / f"{out}.yaml", tiny_model, names_file, task="classification",
+            data={"prompt": "{prompt}", "completion": "{completion}", "max_length": 24},
+            classify={"text": "Name: {name}", "label": "{name|vowels}", "bias": True},
+            train={"mode": "lora", "max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1, "parallel": "fsdp"},
+            eval={"before": False, "batch_size": 32}, output={"dir": str(tmp_path / out)})
+    tunelab("--quiet", "train", str(r("one")))
+    torchrun("train", str(r("two")))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    one, two = (json.loads((tmp_path / x / "eval.json").read_text()) for x in ("one", "two"))
+    assert two["accuracy"] == one["accuracy"] and two["confusion"] == one["confusion"]
