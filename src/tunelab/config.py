@@ -36,6 +36,8 @@ class ModelConfig:
     allow_pickle: bool = False  # load pickle weights (.bin/.pt), which can run code: only for files you trust
     init: str = field(default="pretrained", metadata=_choices("pretrained", "random"))  # random: same config,
     init_seed: int = 0  # fresh weights (seeded): pre-training's value, measured
+    attention: str = field(default="auto", metadata=_choices("auto", "eager", "sdpa", "flex_attention",
+                                                             "flash_attention_2"))  # attn_implementation
 
 
 @dataclass
@@ -113,6 +115,8 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
     best_metric: str = field(default="val_loss", metadata=_choices("val_loss", "exact_match", "accuracy"))
     min_delta: float = 0.0  # an improvement must beat the best by more than this
+    packing: bool = False  # SFT: a micro-batch's examples end to end in rows of <= pack_length tokens
+    pack_length: int = 8192  # (each example attends only to itself: position_ids restart, a block mask)
     parallel: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))  # several processes: replicate or shard
 
 
@@ -599,6 +603,9 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.dropout is None or 0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
+    need(t.pack_length >= 2, "train.pack_length", "must be at least 2")
+    need(not t.packing or (cfg.task != "classification" and cfg.kd.teacher is None), "train.packing",
+         "packing applies to supervised fine-tuning of a causal LM (not classification or token-level distillation)")
     for k in ("log_every", "eval_every", "checkpoint_every"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be non-negative")
     if t.early_stopping_patience is not None:

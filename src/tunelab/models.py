@@ -173,6 +173,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
     tok = tok if tok is not None else load_tokenizer(cfg, path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    attn = {} if cfg.attention == "auto" else {"attn_implementation": cfg.attention}
     if cfg.init == "random":  # the architecture and tokenizer of the model, weights drawn afresh
         from transformers import AutoConfig
 
@@ -182,13 +183,15 @@ def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
             raise _hub_error(cfg.name, e) from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                     **attn)
     else:
         check_weights_are_safe(path, cfg.allow_pickle)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                 use_safetensors=None if cfg.allow_pickle else True,  # from the hub too: safetensors only
+                **attn,
             )
         except (OSError, ValueError) as e:
             raise _hub_error(cfg.name, e) from None

@@ -87,3 +87,25 @@ def test_hub_id_offline_is_a_one_line_error(tmp_path, tiny_model, names_file):
     assert last.startswith("tunelab: model.name: cannot load 'no-such-org/no-such-model'"), last
     assert "not reachable (offline?)" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_packing_trains_the_same_as_padded_batches(tmp_path, tiny_model, names_file):
+    """train.packing=true (examples end to end, each attending only to itself) is exact: the same losses,
+    validation loss and weights as the default path; model.attention picks the attention kernel."""
+    import pytest
+
+    def run(out, *extra):
+        r = write_recipe(tmp_path / f"{out}.yaml", tiny_model, names_file,
+                         train={"mode": "full", "max_steps": 4, "batch_size": 8, "lr": 1e-3, "log_every": 1},
+                         eval={"before": False, "generate": False}, output={"dir": str(tmp_path / out)})
+        tunelab("--quiet", "train", str(r), *extra)
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return ([r["loss"] for r in rows], json.loads((tmp_path / out / "eval.json").read_text())["val_loss"],
+                load_file(str(tmp_path / out / "model" / "model.safetensors")))
+
+    a = run("padded")
+    b = run("packed", "train.packing=true", "train.pack_length=40", "model.attention=sdpa")
+    assert b[0] == pytest.approx(a[0], abs=1e-5) and b[1] == pytest.approx(a[1], abs=1e-5)
+    assert all(torch.allclose(a[2][k], b[2][k], atol=1e-5) for k in a[2])
+    proc = tunelab("train", str(tmp_path / "packed.yaml"), "task=classification", "train.packing=true", check=False)
+    assert proc.returncode == 2 and "train.packing" in proc.stderr

@@ -159,3 +159,60 @@ def sum_over_groups(batch: dict[str, torch.Tensor], head: nn.Module, group_loss,
     if total is None:
         return sum(p.sum() for p in head.parameters()) * 0.0, 0
     return total, count
+
+
+def pack(batch: dict[str, torch.Tensor], capacity: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A right-padded batch as packed rows: each row holds whole examples end to end (first fit, in batch
+    order) up to ``capacity`` tokens, with ``position_ids`` restarting at 0 for every example, so that
+    transformers' masks keep each example to itself (a block-diagonal causal mask; varlen with flash
+    attention). An example's first label is set to -100: in a packed row the token before it belongs to
+    the previous example. Per-token ``weight`` carries the examples' weights. Padding at a row's end is a
+    segment of its own, without loss."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    weight = batch.get("weight")
+    lengths = mask.sum(1).tolist()
+    cap = max(capacity, max(lengths))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        k = next((r for r in range(len(rows)) if used[r] + n <= cap), None)
+        if k is None:
+            rows.append([])
+            used.append(0)
+            k = len(rows) - 1
+        rows[k].append(i)
+        used[k] += n
+    width = max(used)
+    out_ids = torch.full((len(rows), width), pad_id, dtype=ids.dtype, device=ids.device)
+    out_pos = torch.zeros((len(rows), width), dtype=torch.long, device=ids.device)
+    out_lab = torch.full((len(rows), width), -100, dtype=labels.dtype, device=ids.device)
+    out_w = torch.zeros((len(rows), width), dtype=torch.float32, device=ids.device)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            out_ids[r, at:at + n] = ids[i, :n]
+            out_pos[r, at:at + n] = torch.arange(n, device=ids.device)
+            out_lab[r, at:at + n] = labels[i, :n]
+            out_lab[r, at] = -100
+            out_w[r, at:at + n] = 1.0 if weight is None else float(weight[i])
+            at += n
+        if at < width:
+            out_pos[r, at:] = torch.arange(width - at, device=ids.device)
+    return {"input_ids": out_ids, "position_ids": out_pos, "labels": out_lab, "weight": out_w}
+
+
+def packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048, capacity: int = 8192
+                    ) -> tuple[torch.Tensor, int]:
+    """causal_lm_loss_sum's number over the batch packed (see ``pack``): no padding and one call per row."""
+    parts = split_head(model)
+    packed = pack(batch, capacity)
+    if parts is None:
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        return masked_ce_sum(logits, packed["labels"], packed["weight"])
+    body, head = parts
+    hidden = body(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+                  ).last_hidden_state
+    return supervised_ce_sum(hidden, packed["labels"], head, packed["weight"], chunk)

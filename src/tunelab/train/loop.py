@@ -42,7 +42,7 @@ from ..evaluate import (
 from ..models import load_model, load_tokenizer, resolve_model_path
 from ..tracking import Trackers
 from . import checkpoint as ckpt
-from .forward import causal_lm_loss_sum
+from .forward import causal_lm_loss_sum, packed_loss_sum
 from .objectives import EarlyStopping, lr_factor
 from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
 
@@ -188,6 +188,10 @@ def objective(cfg: Config):
     """(loss_sum(model, batch, chunk), count(batch)): what a step minimises, and what it is normalised by."""
     if cfg.task == "classification":
         return classifier_loss_sum, lambda b: int(b["class_labels"].numel())
+    if cfg.train.packing:
+        import functools
+
+        return functools.partial(packed_loss_sum, capacity=cfg.train.pack_length), supervised_weight
     return causal_lm_loss_sum, supervised_weight
 
 

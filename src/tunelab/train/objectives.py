@@ -23,15 +23,20 @@ def shift(hidden_or_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def token_weights(labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Per-token weight (B, T): the example's weight on supervised tokens, 0 elsewhere."""
+    """Per-token weight (B, T): the example's weight (B,) (or a per-token weight (B, T)) on supervised
+    tokens, 0 elsewhere."""
     w = (labels != IGNORE).float()
-    return w if weight is None else w * weight.to(w.dtype)[:, None]
+    if weight is None:
+        return w
+    weight = weight.to(w.dtype)
+    return w * (weight if weight.dim() == 2 else weight[:, None])
 
 
 def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Reference: sum of next-token cross-entropy over supervised positions of full logits (B, T, V)."""
     logits, labels = shift(logits, labels)
+    weight = weight[:, 1:] if weight is not None and weight.dim() == 2 else weight  # per-token: as the labels
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                          ignore_index=IGNORE, reduction="none")  # (B*(T-1),)
     w = token_weights(labels, weight).reshape(-1)
@@ -53,6 +58,7 @@ def supervised_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Callable
     than one chunk each is recomputed in the backward pass instead of being kept.
     """
     hidden, labels = shift(hidden, labels)
+    weight = weight[:, 1:] if weight is not None and weight.dim() == 2 else weight  # per-token: as the labels
     sel = labels != IGNORE  # (B, T-1)
     w = token_weights(labels, weight)[sel]  # (n,)
     h = hidden[sel]  # (n, D)
