@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (a smoke run on the CPU with the tiny model; no time is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def test_sft_gpu_script_smoke_run_on_cpu(tiny_model):
+    """benchmarks/sft_gpu.py --device cpu: every framework trains on the same batches; in fp32 tunelab's
+    packed loss curve is the plain loop's (packing is exact), and the JSON line has the issue's keys."""
+    skip = [] if importlib.util.find_spec("trl") else ["--skip", "trl"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sft_gpu.py"), "--device", "cpu", "--model", str(tiny_model),
+           "--steps", "3", "--batch", "4", "--examples", "24", "--mean-tokens", "40", "--lr", "1e-3",
+           "--pack-length", "96", "--lora", *skip]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("tunelab_tok_s", "plain_tok_s", "speedup_vs_plain", "max_abs_loss_diff", "tunelab_lora_tok_s",
+                "lora_vs_full", "tunelab_peak_mb", "plain_peak_mb"):
+        assert key in out, key
+    if not skip:
+        assert "trl_tok_s" in out and "speedup_vs_trl" in out
+    assert out["mean_tokens"] > 20
+    assert out["loss_diff_vs_plain"] < 1e-4  # fp32: tunelab (packed) computes the plain loop's losses
+    assert "failed" not in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_sft_gpu_script_refuses_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft_gpu.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "no CUDA device" in proc.stderr
