@@ -174,3 +174,42 @@ def test_packed_loss_and_grads_equal_the_padded_batch(tiny, mode):
         assert abs(loss - l0) < 1e-5 * max(1.0, abs(l0))
         for k in g0:
             assert torch.allclose(g[k], g0[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
+    """The shared prefix once, then every row's rest packed in one row attending to its cache: exact."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.train.forward import prefix_packed_loss_sum
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    m.config._attn_implementation = attn
+    if mode == "lora":
+        m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    m.train()
+    batch = _batch(tok, ["emma", "olivia", "ava", "isabella", "sophia", "jo", "christopher", "ella"])
+    batch["weight"] = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 1.5, 1.0])
+    batch["labels"][2, 2] = batch["input_ids"][2, 2]  # a supervised token inside the shared prefix, for one row
+    assert shared_prefix_len(batch["input_ids"], batch["attention_mask"]) >= 3
+    results = []
+    for how in ("plain", "prefix-packed"):
+        m.zero_grad()
+        if how == "plain":
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n = masked_ce_sum(logits, batch["labels"], batch["weight"])
+        else:
+            loss, n = prefix_packed_loss_sum(m, batch, chunk=7)
+        loss.backward()
+        results.append((float(loss), n, _grads(m)))
+    (l0, n0, g0), (l1, n1, g1) = results
+    assert n1 == n0 and abs(l1 - l0) < 1e-5 * max(1.0, abs(l0))
+    assert g1.keys() == g0.keys() and g0
+    for k in g0:
+        assert torch.allclose(g1[k], g0[k], atol=1e-5, rtol=1e-4), k
+    # where it does not apply it says so (the caller takes the other path)
+    assert prefix_packed_loss_sum(m, _batch(tok, ["emma", "olivia"], shared=False)) is None

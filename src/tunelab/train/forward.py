@@ -4,10 +4,15 @@ Exact speed-ups over ``model(**batch).logits`` + cross-entropy, all on by defaul
 - the output head (V x D, the biggest matrix of a small model) runs only on supervised positions
   (``objectives.supervised_ce_sum``), never materialising (B, T, V) logits;
 - a token prefix that every row of a batch shares (an instruction, a system prompt) is run once, as a
-  batch of one, and its KV cache is repeated for the rows: the same numbers as running it B times;
-- no padding: the rows of a batch are regrouped by length and each group runs on its own, cut to its
-  longest row (the loss is a sum over tokens, so the groups' sums add up to the batch's);
-- the last position of a group predicts nothing (there is no next token), so it is never computed.
+  batch of one: the same numbers as running it B times;
+- no padding: after that prefix, every row's remaining tokens are packed end to end in one row that
+  attends to the prefix's KV cache, each token seeing the prefix and its own row only (a block mask;
+  ``prefix_packed_loss_sum``); where that does not apply (no shared prefix, dropout, other attention
+  kernels, long batches) the rows are regrouped by length and each group runs on its own, cut to its
+  longest row, with the prefix's cache repeated for its rows (the loss is a sum over tokens, so the
+  groups' sums add up to the batch's);
+- the last position of a row predicts nothing (there is no next token), so it is never computed.
+``train.packing`` packs whole examples instead (no prefix sharing): the path for long examples on a GPU.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import inspect
 import torch
 from torch import nn
 
-from .objectives import masked_ce_sum, supervised_ce_sum
+from .objectives import masked_ce_sum, selected_ce_sum, supervised_ce_sum
 
 MIN_SHARED_PREFIX = 2  # tokens; below this the second forward call costs more than it saves
+MAX_PACKED_TOKENS = 4096  # prefix_packed_loss_sum's packed row, at most (its mask is N x (P + N))
 
 
 def split_head(model) -> tuple[nn.Module, nn.Module] | None:
@@ -134,6 +140,10 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048,
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return masked_ce_sum(logits, batch["labels"], batch.get("weight"))
+    if share_prefix and regroup:
+        done = prefix_packed_loss_sum(model, batch, chunk)
+        if done is not None:
+            return done
     body, head = parts
 
     def group_loss(idx, ids, mask, labels, cut, weight):
@@ -216,3 +226,74 @@ def packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048, ca
     hidden = body(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
                   ).last_hidden_state
     return supervised_ce_sum(hidden, packed["labels"], head, packed["weight"], chunk)
+
+
+def _segment_mask(seg_lengths: list[int], prefix: int, device, attn: str, dtype) -> torch.Tensor:
+    """(1, 1, N, P + N) attention mask of packed segments after a shared prefix of P cached positions:
+    every token sees the whole prefix and, causally, its own segment. Boolean (True: attend) for sdpa;
+    additive (0 or the dtype's minimum) for eager attention."""
+    seg = torch.repeat_interleave(torch.arange(len(seg_lengths), device=device),
+                                  torch.tensor(seg_lengths, device=device))  # (N,) segment of each token
+    n = seg.numel()
+    idx = torch.arange(n, device=device)
+    own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # (N, N)
+    mask = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), own], dim=1)[None, None]
+    if attn == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048
+                           ) -> tuple[torch.Tensor, int] | None:
+    """causal_lm_loss_sum's number, computed as: the prefix every row shares, once (batch of one, KV
+    cached), then every row's remaining tokens packed end to end in ONE row attending to that cache
+    (each token sees the prefix and its own row, causally: a block mask), the head only on supervised
+    positions. One body call for the whole batch, no padding, no repeated prefix. None when it does
+    not apply (no split head, attention other than sdpa/eager, active dropout, a left-padded batch,
+    no shared prefix of MIN_SHARED_PREFIX tokens)."""
+    parts = split_head(model)
+    if parts is None:
+        return None
+    body, head = parts
+    attn = getattr(body.config, "_attn_implementation", None)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if attn not in ("sdpa", "eager") or _has_active_dropout(body) or not _right_padded(mask):
+        return None
+    B = ids.shape[0]
+    P = shared_prefix_len(ids, mask) if B > 1 else 0
+    if P < MIN_SHARED_PREFIX:
+        return None
+    lengths = mask.sum(1).tolist()
+    if sum(lengths) - B * (P + 1) > MAX_PACKED_TOKENS:
+        return None  # the (N, P + N) mask would be large: length groups instead
+    key = _cache_arg(body)
+    pre = body(input_ids=ids[:1, :P], use_cache=True)
+    pre_h = pre.last_hidden_state  # (1, P, D): positions 0..P-1, predicting tokens 1..P
+    segs = [n - 1 - P for n in lengths]  # a row's own positions P..n-2 (its last predicts nothing)
+    rows = [i for i in range(B) if segs[i] > 0]
+    weight = batch.get("weight")
+    wrow = torch.ones(B, device=ids.device) if weight is None else weight.to(ids.device, torch.float32)
+    # the prefix's predictions (usually of prompt tokens: no loss) for every row
+    y_pre = labels[:, 1:P + 1]
+    sel_pre = y_pre != -100
+    h_parts, y_parts, w_parts = [], [], []
+    if bool(sel_pre.any()):
+        h_parts.append(pre_h.expand(B, -1, -1)[sel_pre])
+        y_parts.append(y_pre[sel_pre])
+        w_parts.append(wrow[:, None].expand(B, P)[sel_pre])
+    if rows:
+        packed = torch.cat([ids[i, P:lengths[i] - 1] for i in rows])[None]  # (1, N)
+        pos = torch.cat([torch.arange(P, lengths[i] - 1, device=ids.device) for i in rows])[None]
+        amask = _segment_mask([segs[i] for i in rows], P, ids.device, attn, pre_h.dtype)
+        h = body(input_ids=packed, position_ids=pos, attention_mask=amask, use_cache=True,
+                 **{key: getattr(pre, key)}).last_hidden_state[0]  # (N, D)
+        y = torch.cat([labels[i, P + 1:lengths[i]] for i in rows])
+        w = torch.cat([wrow[i].expand(segs[i]) for i in rows])
+        sel = y != -100
+        h_parts.append(h[sel])
+        y_parts.append(y[sel])
+        w_parts.append(w[sel])
+    y_all = torch.cat(y_parts) if y_parts else labels.new_zeros(0)
+    if y_all.numel() == 0:
+        return pre_h.sum() * 0.0, 0
+    return selected_ce_sum(torch.cat(h_parts), y_all, torch.cat(w_parts), head, chunk)

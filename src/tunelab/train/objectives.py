@@ -61,14 +61,19 @@ def supervised_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Callable
     weight = weight[:, 1:] if weight is not None and weight.dim() == 2 else weight  # per-token: as the labels
     sel = labels != IGNORE  # (B, T-1)
     w = token_weights(labels, weight)[sel]  # (n,)
-    h = hidden[sel]  # (n, D)
-    y = labels[sel]  # (n,)
-    n = y.numel()
-    if n == 0:
+    if not bool(sel.any()):
         return hidden.sum() * 0.0, 0
+    return selected_ce_sum(hidden[sel], labels[sel], w, head, chunk)
+
+
+def selected_ce_sum(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                    chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """Sum of w * CE(head(h), y) over n already-selected positions: h (n, D), y (n,), w (n,); the (n, V)
+    logits one chunk at a time (recomputed in the backward pass when there is more than one chunk)."""
+    n = y.numel()
     if n <= chunk:
         return _chunk_ce(head, h, y, w), n
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk):
         total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], w[s:s + chunk],
                                    use_reentrant=False)
