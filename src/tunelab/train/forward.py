@@ -229,15 +229,14 @@ def packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048, ca
 
 
 def _segment_mask(seg_lengths: list[int], prefix: int, device, attn: str, dtype) -> torch.Tensor:
-    """(1, 1, N, P + N) attention mask of packed segments after a shared prefix of P cached positions:
-    every token sees the whole prefix and, causally, its own segment. Boolean (True: attend) for sdpa;
-    additive (0 or the dtype's minimum) for eager attention."""
-    seg = torch.repeat_interleave(torch.arange(len(seg_lengths), device=device),
-                                  torch.tensor(seg_lengths, device=device))  # (N,) segment of each token
-    n = seg.numel()
-    idx = torch.arange(n, device=device)
-    own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # (N, N)
-    mask = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), own], dim=1)[None, None]
+    """(1, 1, M, M) attention mask of one packed row, M = P + N: a shared prefix of P tokens (causal),
+    then segments of the given lengths, each token seeing the whole prefix and, causally, its own
+    segment. Boolean (True: attend) for sdpa; additive (0 or the dtype's minimum) for eager attention."""
+    seg = torch.repeat_interleave(torch.arange(len(seg_lengths) + 1, device=device),
+                                  torch.tensor([prefix, *seg_lengths], device=device))  # (M,) 0: the prefix
+    idx = torch.arange(seg.numel(), device=device)
+    causal = idx[None, :] <= idx[:, None]
+    mask = (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]
     if attn == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
@@ -245,12 +244,12 @@ def _segment_mask(seg_lengths: list[int], prefix: int, device, attn: str, dtype)
 
 def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048
                            ) -> tuple[torch.Tensor, int] | None:
-    """causal_lm_loss_sum's number, computed as: the prefix every row shares, once (batch of one, KV
-    cached), then every row's remaining tokens packed end to end in ONE row attending to that cache
-    (each token sees the prefix and its own row, causally: a block mask), the head only on supervised
-    positions. One body call for the whole batch, no padding, no repeated prefix. None when it does
-    not apply (no split head, attention other than sdpa/eager, active dropout, a left-padded batch,
-    no shared prefix of MIN_SHARED_PREFIX tokens)."""
+    """causal_lm_loss_sum's number from ONE body call on one packed row: the prefix every row of the
+    batch shares, once, then every row's remaining tokens end to end, each token seeing the prefix and
+    its own row, causally (a block mask; position ids continue the prefix for each row), the head only
+    on supervised positions. No padding, no repeated prefix, and the fewest, largest matrix products.
+    None when it does not apply (no split head, attention other than sdpa/eager, active dropout, a
+    left-padded batch, no shared prefix of MIN_SHARED_PREFIX tokens, more than MAX_PACKED_TOKENS)."""
     parts = split_head(model)
     if parts is None:
         return None
@@ -264,36 +263,24 @@ def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2
     if P < MIN_SHARED_PREFIX:
         return None
     lengths = mask.sum(1).tolist()
-    if sum(lengths) - B * (P + 1) > MAX_PACKED_TOKENS:
-        return None  # the (N, P + N) mask would be large: length groups instead
-    key = _cache_arg(body)
-    pre = body(input_ids=ids[:1, :P], use_cache=True)
-    pre_h = pre.last_hidden_state  # (1, P, D): positions 0..P-1, predicting tokens 1..P
     segs = [n - 1 - P for n in lengths]  # a row's own positions P..n-2 (its last predicts nothing)
+    if P + sum(segs) > MAX_PACKED_TOKENS:
+        return None  # the (M, M) mask would be large: length groups instead
     rows = [i for i in range(B) if segs[i] > 0]
+    dev = ids.device
+    packed = torch.cat([ids[0, :P], *(ids[i, P:lengths[i] - 1] for i in rows)])[None]  # (1, M)
+    pos = torch.cat([torch.arange(P, device=dev), *(torch.arange(P, lengths[i] - 1, device=dev) for i in rows)])
+    amask = _segment_mask([segs[i] for i in rows], P, dev, attn, body.dtype if attn == "eager" else torch.bool)
+    h = body(input_ids=packed, position_ids=pos[None], attention_mask=amask, use_cache=False).last_hidden_state[0]
     weight = batch.get("weight")
-    wrow = torch.ones(B, device=ids.device) if weight is None else weight.to(ids.device, torch.float32)
-    # the prefix's predictions (usually of prompt tokens: no loss) for every row
+    wrow = torch.ones(B, device=dev) if weight is None else weight.to(dev, torch.float32)
+    # position t of the prefix predicts token t+1 of every row (usually a prompt token: no loss)
     y_pre = labels[:, 1:P + 1]
     sel_pre = y_pre != -100
-    h_parts, y_parts, w_parts = [], [], []
-    if bool(sel_pre.any()):
-        h_parts.append(pre_h.expand(B, -1, -1)[sel_pre])
-        y_parts.append(y_pre[sel_pre])
-        w_parts.append(wrow[:, None].expand(B, P)[sel_pre])
-    if rows:
-        packed = torch.cat([ids[i, P:lengths[i] - 1] for i in rows])[None]  # (1, N)
-        pos = torch.cat([torch.arange(P, lengths[i] - 1, device=ids.device) for i in rows])[None]
-        amask = _segment_mask([segs[i] for i in rows], P, ids.device, attn, pre_h.dtype)
-        h = body(input_ids=packed, position_ids=pos, attention_mask=amask, use_cache=True,
-                 **{key: getattr(pre, key)}).last_hidden_state[0]  # (N, D)
-        y = torch.cat([labels[i, P + 1:lengths[i]] for i in rows])
-        w = torch.cat([wrow[i].expand(segs[i]) for i in rows])
-        sel = y != -100
-        h_parts.append(h[sel])
-        y_parts.append(y[sel])
-        w_parts.append(w[sel])
-    y_all = torch.cat(y_parts) if y_parts else labels.new_zeros(0)
-    if y_all.numel() == 0:
-        return pre_h.sum() * 0.0, 0
-    return selected_ce_sum(torch.cat(h_parts), y_all, torch.cat(w_parts), head, chunk)
+    y = torch.cat([y_pre[sel_pre], *(labels[i, P + 1:lengths[i]] for i in rows)])
+    w = torch.cat([wrow[:, None].expand(B, P)[sel_pre], *(wrow[i].expand(segs[i]) for i in rows)])
+    hs = torch.cat([h[:P][None].expand(B, -1, -1)[sel_pre], h[P:]])
+    sel = y != -100
+    if not bool(sel.any()):
+        return h.sum() * 0.0, 0
+    return selected_ce_sum(hs[sel], y[sel], w[sel], head, chunk)
