@@ -197,19 +197,20 @@ def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
     batch["labels"][2, 2] = batch["input_ids"][2, 2]  # a supervised token inside the shared prefix, for one row
     assert shared_prefix_len(batch["input_ids"], batch["attention_mask"]) >= 3
     results = []
-    for how in ("plain", "prefix-packed"):
+    for how in ("plain", None, 8, 3):  # one packed row; rows of ~8 tokens (padded at their ends); one per example
         m.zero_grad()
         if how == "plain":
             logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, n = masked_ce_sum(logits, batch["labels"], batch["weight"])
         else:
-            loss, n = prefix_packed_loss_sum(m, batch, chunk=7)
+            loss, n = prefix_packed_loss_sum(m, batch, chunk=7, row_tokens=how or 10_000)
         loss.backward()
         results.append((float(loss), n, _grads(m)))
-    (l0, n0, g0), (l1, n1, g1) = results
-    assert n1 == n0 and abs(l1 - l0) < 1e-5 * max(1.0, abs(l0))
-    assert g1.keys() == g0.keys() and g0
-    for k in g0:
-        assert torch.allclose(g1[k], g0[k], atol=1e-5, rtol=1e-4), k
+    (l0, n0, g0) = results[0]
+    for l1, n1, g1 in results[1:]:
+        assert n1 == n0 and abs(l1 - l0) < 1e-5 * max(1.0, abs(l0))
+        assert g1.keys() == g0.keys() and g0
+        for k in g0:
+            assert torch.allclose(g1[k], g0[k], atol=1e-5, rtol=1e-4), k
     # where it does not apply it says so (the caller takes the other path)
     assert prefix_packed_loss_sum(m, _batch(tok, ["emma", "olivia"], shared=False)) is None

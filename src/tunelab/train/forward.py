@@ -25,7 +25,8 @@ from torch import nn
 from .objectives import masked_ce_sum, selected_ce_sum, supervised_ce_sum
 
 MIN_SHARED_PREFIX = 2  # tokens; below this the second forward call costs more than it saves
-MAX_PACKED_TOKENS = 4096  # prefix_packed_loss_sum's packed row, at most (its mask is N x (P + N))
+MAX_PACKED_TOKENS = 8192  # prefix_packed_loss_sum: a batch's tokens after the prefix, at most
+PACKED_ROW_TOKENS = 128  # prefix_packed_loss_sum: tokens a packed row aims at (attention cost ~ its square)
 
 
 def split_head(model) -> tuple[nn.Module, nn.Module] | None:
@@ -228,28 +229,28 @@ def packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048, ca
     return supervised_ce_sum(hidden, packed["labels"], head, packed["weight"], chunk)
 
 
-def _segment_mask(seg_lengths: list[int], prefix: int, device, attn: str, dtype) -> torch.Tensor:
-    """(1, 1, M, M) attention mask of one packed row, M = P + N: a shared prefix of P tokens (causal),
-    then segments of the given lengths, each token seeing the whole prefix and, causally, its own
-    segment. Boolean (True: attend) for sdpa; additive (0 or the dtype's minimum) for eager attention."""
-    seg = torch.repeat_interleave(torch.arange(len(seg_lengths) + 1, device=device),
-                                  torch.tensor([prefix, *seg_lengths], device=device))  # (M,) 0: the prefix
-    idx = torch.arange(seg.numel(), device=device)
-    causal = idx[None, :] <= idx[:, None]
-    mask = (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]
+def _segment_mask(seg: torch.Tensor, attn: str, dtype) -> torch.Tensor:
+    """(R, 1, L, L) attention mask of packed rows from each token's segment id (R, L): 0 is the shared
+    prefix, which every token sees; otherwise a token sees, causally, its own segment. Boolean (True:
+    attend) for sdpa; additive (0 or the dtype's minimum) for eager attention."""
+    idx = torch.arange(seg.shape[1], device=seg.device)
+    causal = idx[None, :] <= idx[:, None]  # (L, L)
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)  # (R, L, L)
+    mask = (causal[None] & same)[:, None]
     if attn == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
 
-def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048
+def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2048, row_tokens: int | None = None
                            ) -> tuple[torch.Tensor, int] | None:
-    """causal_lm_loss_sum's number from ONE body call on one packed row: the prefix every row of the
-    batch shares, once, then every row's remaining tokens end to end, each token seeing the prefix and
-    its own row, causally (a block mask; position ids continue the prefix for each row), the head only
-    on supervised positions. No padding, no repeated prefix, and the fewest, largest matrix products.
-    None when it does not apply (no split head, attention other than sdpa/eager, active dropout, a
-    left-padded batch, no shared prefix of MIN_SHARED_PREFIX tokens, more than MAX_PACKED_TOKENS)."""
+    """causal_lm_loss_sum's number from one body call on a few packed rows: each row holds the prefix
+    every example of the batch shares, then several examples' remaining tokens end to end, each token
+    seeing the prefix and its own example, causally (a block mask; position ids continue the prefix),
+    the head only on supervised positions. No padding to speak of (the rows are filled evenly), large
+    matrix products, and rows short enough (about ``row_tokens``) that attention stays cheap. None when
+    it does not apply (no split head, attention other than sdpa/eager, active dropout, a left-padded
+    batch, no shared prefix of MIN_SHARED_PREFIX tokens, more than MAX_PACKED_TOKENS)."""
     parts = split_head(model)
     if parts is None:
         return None
@@ -263,24 +264,55 @@ def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2
     if P < MIN_SHARED_PREFIX:
         return None
     lengths = mask.sum(1).tolist()
-    segs = [n - 1 - P for n in lengths]  # a row's own positions P..n-2 (its last predicts nothing)
-    if P + sum(segs) > MAX_PACKED_TOKENS:
-        return None  # the (M, M) mask would be large: length groups instead
-    rows = [i for i in range(B) if segs[i] > 0]
+    segs = [n - 1 - P for n in lengths]  # an example's own positions P..n-2 (its last predicts nothing)
+    total = sum(segs)
+    if total > MAX_PACKED_TOKENS:
+        return None  # long batches: length groups instead
+    target = row_tokens or PACKED_ROW_TOKENS
+    R = max(1, min(B, round(total / target)))
+    load = [0] * R
+    members: list[list[int]] = [[] for _ in range(R)]
+    for i in sorted((i for i in range(B) if segs[i] > 0), key=lambda i: (-segs[i], i)):
+        r = min(range(R), key=lambda k: (load[k], k))  # the emptiest row
+        members[r].append(i)
+        load[r] += segs[i]
+    L = P + max(load)
     dev = ids.device
-    packed = torch.cat([ids[0, :P], *(ids[i, P:lengths[i] - 1] for i in rows)])[None]  # (1, M)
-    pos = torch.cat([torch.arange(P, device=dev), *(torch.arange(P, lengths[i] - 1, device=dev) for i in rows)])
-    amask = _segment_mask([segs[i] for i in rows], P, dev, attn, body.dtype if attn == "eager" else torch.bool)
-    h = body(input_ids=packed, position_ids=pos[None], attention_mask=amask, use_cache=False).last_hidden_state[0]
+    pad = int(ids[0, 0])
+    tok = torch.full((R, L), pad, dtype=ids.dtype, device=dev)
+    pos = torch.zeros((R, L), dtype=torch.long, device=dev)
+    seg = torch.zeros((R, L), dtype=torch.long, device=dev)
+    where = {}  # example -> (row, first packed column of its own tokens)
+    for r in range(R):
+        tok[r, :P] = ids[0, :P]
+        pos[r, :P] = torch.arange(P, device=dev)
+        at = P
+        for k, i in enumerate(members[r], 1):
+            n = segs[i]
+            tok[r, at:at + n] = ids[i, P:P + n]
+            pos[r, at:at + n] = torch.arange(P, P + n, device=dev)
+            seg[r, at:at + n] = k
+            where[i] = (r, at)
+            at += n
+        if at < L:  # the row's end: a segment of its own, seeing itself only, without loss
+            seg[r, at:] = len(members[r]) + 1
+            pos[r, at:] = torch.arange(L - at, device=dev)
+    amask = _segment_mask(seg, attn, body.dtype)
+    h = body(input_ids=tok, position_ids=pos, attention_mask=amask, use_cache=False).last_hidden_state  # (R, L, D)
+    h = h.reshape(R * L, -1)
     weight = batch.get("weight")
     wrow = torch.ones(B, device=dev) if weight is None else weight.to(dev, torch.float32)
-    # position t of the prefix predicts token t+1 of every row (usually a prompt token: no loss)
+    # position t of the prefix predicts token t+1 of every example (usually a prompt token: no loss)
     y_pre = labels[:, 1:P + 1]
     sel_pre = y_pre != -100
-    y = torch.cat([y_pre[sel_pre], *(labels[i, P + 1:lengths[i]] for i in rows)])
-    w = torch.cat([wrow[:, None].expand(B, P)[sel_pre], *(wrow[i].expand(segs[i]) for i in rows)])
-    hs = torch.cat([h[:P][None].expand(B, -1, -1)[sel_pre], h[P:]])
+    cols = [torch.arange(P, device=dev)[None].expand(B, P)[sel_pre]]  # row 0's prefix
+    ys, ws = [y_pre[sel_pre]], [wrow[:, None].expand(B, P)[sel_pre]]
+    for i, (r, at) in where.items():
+        cols.append(r * L + at + torch.arange(segs[i], device=dev))
+        ys.append(labels[i, P + 1:P + 1 + segs[i]])
+        ws.append(wrow[i].expand(segs[i]))
+    col, y, w = torch.cat(cols), torch.cat(ys), torch.cat(ws)
     sel = y != -100
     if not bool(sel.any()):
         return h.sum() * 0.0, 0
-    return selected_ce_sum(hs[sel], y[sel], w[sel], head, chunk)
+    return selected_ce_sum(h[col[sel]], y[sel], w[sel], head, chunk)
