@@ -4,7 +4,7 @@ Same model, data, batches in the same order, LoRA configuration, optimizer and h
 three. Prints each one's throughput (non-padding tokens of the training examples per second, however the
 computation is arranged), peak memory (RSS) and loss curve, the ratios, and ends with one line of JSON:
 
-    python benchmarks/sft_cpu.py                     # names reversal on the built-in model, 8 steps
+    python benchmarks/sft_cpu.py                     # names reversal on the built-in model, 16 steps
     python benchmarks/sft_cpu.py --steps 4 --model PATH --trl-defaults-steps 0
 
 TRL runs configured for this CPU (fp32, gradient checkpointing off); ``--trl-defaults-steps N`` also times
@@ -136,7 +136,7 @@ def run_trl(args, path, examples, batches, tok, steps: int, cpu_config: bool):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16)

@@ -17,7 +17,7 @@ def test_sft_gpu_script_smoke_run_on_cpu(tiny_model):
     packed loss curve is the plain loop's (packing is exact), and the JSON line has the issue's keys."""
     skip = [] if importlib.util.find_spec("trl") else ["--skip", "trl"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "sft_gpu.py"), "--device", "cpu", "--model", str(tiny_model),
-           "--steps", "3", "--batch", "4", "--examples", "24", "--mean-tokens", "40", "--lr", "1e-3",
+           "--steps", "2", "--batch", "4", "--examples", "24", "--mean-tokens", "40", "--lr", "1e-3",
            "--pack-length", "96", "--lora", *skip]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
