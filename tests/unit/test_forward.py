@@ -212,5 +212,10 @@ def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
         assert g1.keys() == g0.keys() and g0
         for k in g0:
             assert torch.allclose(g1[k], g0[k], atol=1e-5, rtol=1e-4), k
-    # where it does not apply it says so (the caller takes the other path)
-    assert prefix_packed_loss_sum(m, _batch(tok, ["emma", "olivia"], shared=False)) is None
+    # where it does not apply it says so (the caller takes the length groups)
+    other = _batch(tok, ["emma", "olivia", "christopher", "jo", "ava"], shared=False)
+    assert shared_prefix_len(other["input_ids"], other["attention_mask"]) < 2
+    assert prefix_packed_loss_sum(m, other) is None
+    m.config._attn_implementation = "flex_attention"
+    other = batch
+    assert prefix_packed_loss_sum(m, other) is None

@@ -3,15 +3,16 @@
 Exact speed-ups over ``model(**batch).logits`` + cross-entropy, all on by default:
 - the output head (V x D, the biggest matrix of a small model) runs only on supervised positions
   (``objectives.supervised_ce_sum``), never materialising (B, T, V) logits;
-- a token prefix that every row of a batch shares (an instruction, a system prompt) is run once, as a
-  batch of one: the same numbers as running it B times;
-- no padding: after that prefix, every row's remaining tokens are packed end to end in one row that
-  attends to the prefix's KV cache, each token seeing the prefix and its own row only (a block mask;
-  ``prefix_packed_loss_sum``); where that does not apply (no shared prefix, dropout, other attention
-  kernels, long batches) the rows are regrouped by length and each group runs on its own, cut to its
-  longest row, with the prefix's cache repeated for its rows (the loss is a sum over tokens, so the
-  groups' sums add up to the batch's);
-- the last position of a row predicts nothing (there is no next token), so it is never computed.
+- a token prefix that every example of a batch shares (an instruction, a system prompt) is computed
+  once per packed row instead of once per example: after it, the examples' own tokens are packed end to
+  end into a few rows of about PACKED_ROW_TOKENS tokens, each token seeing the prefix and its own
+  example only (a block-diagonal causal mask, position ids continuing the prefix): no padding, large
+  matrix products (``prefix_packed_loss_sum``);
+- without such a prefix (or with dropout, attention kernels other than sdpa/eager, batches over
+  MAX_PACKED_TOKENS) the rows are regrouped by length and each group runs on its own, cut to its longest
+  row (the loss is a sum over tokens, so the groups' sums add up to the batch's): for short examples
+  this is cheaper than packed rows, whose attention grows with the row's square (measured);
+- the last position of an example predicts nothing (there is no next token), so it is never computed.
 ``train.packing`` packs whole examples instead (no prefix sharing): the path for long examples on a GPU.
 """
 
@@ -262,13 +263,13 @@ def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2
     B = ids.shape[0]
     P = shared_prefix_len(ids, mask) if B > 1 else 0
     if P < MIN_SHARED_PREFIX:
-        return None
+        return None  # nothing to share: length groups are cheaper than packed rows (measured)
     lengths = mask.sum(1).tolist()
     segs = [n - 1 - P for n in lengths]  # an example's own positions P..n-2 (its last predicts nothing)
     total = sum(segs)
     if total > MAX_PACKED_TOKENS:
         return None  # long batches: length groups instead
-    target = row_tokens or PACKED_ROW_TOKENS
+    target = max(row_tokens or PACKED_ROW_TOKENS, max(segs))  # a row holds at least the longest example
     R = max(1, min(B, round(total / target)))
     load = [0] * R
     members: list[list[int]] = [[] for _ in range(R)]
