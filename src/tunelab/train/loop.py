@@ -618,7 +618,12 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     train_time = time.time() - t_loop
     if fsdp:  # the trained weights gathered whole into rank 0's unsharded copy of the model
         weights = dist.gather_full(dict(model.named_parameters()), d.main)
-        del root, forward, model, opt, params
+        del root, forward, sync, gathered, loss_fn, kd_loss, model, opt, params  # the sharded state, freed
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if d.main:
             model = _unsharded(cfg, model_path, tok, labels, weights)
     if not d.main:  # rank 0 saves and evaluates; the others are done
