@@ -626,7 +626,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             torch.cuda.empty_cache()
         if d.main:
             model = _unsharded(cfg, model_path, tok, labels, weights)
-    if not d.main:  # rank 0 saves and evaluates; the others are done
+    if not d.main:  # rank 0 saves and evaluates; the others wait for it, then all leave the group together
+        d.barrier()  # (a process leaving gloo while another still holds its connections can abort at exit)
         return run
     if stopper is not None and (run / "best" / "trainable.safetensors").exists():
         from safetensors.torch import load_file
@@ -674,6 +675,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
 
     say(f"report: {write_report(run)}", quiet)
     say(f"run directory: {run}", quiet)
+    d.barrier()
     return run
 
 
