@@ -44,6 +44,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_all_match(results):
+    """Each (loss, count, grads) after the first equals the first (the plain computation)."""
+    (l0, n0, g0) = results[0]
+    for loss, n, g in results[1:]:
+        assert n == n0
+        assert abs(loss - l0) < 1e-5 * max(1.0, abs(l0))
+        assert g.keys() == g0.keys() and g
+        for k in g0:
+            assert torch.allclose(g[k], g0[k], atol=1e-5, rtol=1e-4), k
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fast_path_equals_full_logits(tiny, mode):
     from peft import LoraConfig, get_peft_model
@@ -72,13 +83,7 @@ def test_fast_path_equals_full_logits(tiny, mode):
                                          regroup=how != "fast-no-regroup")
         loss.backward()
         results.append((float(loss), n, _grads(m)))
-    (l0, n0, g0) = results[0]
-    for loss, n, g in results[1:]:
-        assert n == n0
-        assert abs(loss - l0) < 1e-5 * max(1.0, abs(l0))
-        assert g.keys() == g0.keys() and g
-        for k in g0:
-            assert torch.allclose(g[k], g0[k], atol=1e-5, rtol=1e-4), k
+    _assert_all_match(results)
 
 
 def test_prefix_sharing_hidden_states_match(tiny):
@@ -168,12 +173,7 @@ def test_packed_loss_and_grads_equal_the_padded_batch(tiny, mode):
             loss, n = packed_loss_sum(m, batch, chunk=7, capacity=10_000 if how == "packed-one-row" else 24)
         loss.backward()
         results.append((float(loss), n, _grads(m)))
-    (l0, n0, g0) = results[0]
-    for loss, n, g in results[1:]:
-        assert n == n0
-        assert abs(loss - l0) < 1e-5 * max(1.0, abs(l0))
-        for k in g0:
-            assert torch.allclose(g[k], g0[k], atol=1e-5, rtol=1e-4), k
+    _assert_all_match(results)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -206,12 +206,7 @@ def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
             loss, n = prefix_packed_loss_sum(m, batch, chunk=7, row_tokens=how or 10_000)
         loss.backward()
         results.append((float(loss), n, _grads(m)))
-    (l0, n0, g0) = results[0]
-    for l1, n1, g1 in results[1:]:
-        assert n1 == n0 and abs(l1 - l0) < 1e-5 * max(1.0, abs(l0))
-        assert g1.keys() == g0.keys() and g0
-        for k in g0:
-            assert torch.allclose(g1[k], g0[k], atol=1e-5, rtol=1e-4), k
+    _assert_all_match(results)
     # where it does not apply it says so (the caller takes the length groups)
     other = _batch(tok, ["emma", "olivia", "christopher", "jo", "ava"], shared=False)
     assert shared_prefix_len(other["input_ids"], other["attention_mask"]) < 2
