@@ -93,31 +93,15 @@ def run_tunelab(args, recipe_overrides, out_dir):
 
 def run_trl(args, path, examples, batches, tok, steps: int, cpu_config: bool):
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     order = [i for idx in batches[:steps] for i in idx]
     data = Dataset.from_list([{"prompt": examples[i].prompt, "completion": examples[i].completion} for i in order])
     step_tokens = [sum(len(examples[i].input_ids) for i in idx) for idx in batches[:steps]]
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.losses = [], []
+    from trl_timing import in_order_trainer, step_timer
 
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    class InOrder(SFTTrainer):  # the same batches, in the same order, as the other two
-        def _get_train_sampler(self, *a, **kw):
-            return SequentialSampler(self.train_dataset)
+    InOrder = in_order_trainer()  # the same batches, in the same order, as the others
 
     extra = dict(bf16=False, gradient_checkpointing=False) if cpu_config else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +110,7 @@ def run_trl(args, path, examples, batches, tok, steps: int, cpu_config: bool):
                          max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                          seed=args.seed, completion_only_loss=True, max_length=None, dataloader_num_workers=0,
                          disable_tqdm=True, **extra)
-        timer = Timer()
+        timer = step_timer()
         trainer = InOrder(model=load_base(path, args.seed), args=conf, train_dataset=data, processing_class=tok,
                           peft_config=lora_config(args), callbacks=[timer])
         trainer.train()

@@ -126,33 +126,15 @@ def run_tunelab(args, data: Path, lora: bool):
 
 def run_trl(args, path, examples, batches, tok, defaults: bool):
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     order = [i for idx in batches for i in idx]
     rows = Dataset.from_list([{"prompt": examples[i].prompt, "completion": examples[i].completion} for i in order])
     step_tokens = [sum(len(examples[i].input_ids) for i in idx) for idx in batches]
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.losses = [], []
+    from trl_timing import in_order_trainer, step_timer
 
-        def on_step_begin(self, a, state, control, **kw):
-            sync(args.device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            sync(args.device)
-            self.times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    class InOrder(SFTTrainer):  # the same batches, in the same order, as the others
-        def _get_train_sampler(self, *a, **kw):
-            return SequentialSampler(self.train_dataset)
+    InOrder = in_order_trainer()  # the same batches, in the same order, as the others
 
     bf16 = args.dtype == "bfloat16"
     extra = {} if defaults else {"gradient_checkpointing": False}
@@ -162,7 +144,7 @@ def run_trl(args, path, examples, batches, tok, defaults: bool):
                          max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=args.device == "cpu", bf16=bf16, seed=args.seed, completion_only_loss=True,
                          max_length=args.max_length, dataloader_num_workers=0, disable_tqdm=True, **extra)
-        timer = Timer()
+        timer = step_timer(lambda: sync(args.device))
         model = load_base(args, path)
         trainer = InOrder(model=model, args=conf, train_dataset=rows, processing_class=tok, callbacks=[timer])
         trainer.train()
