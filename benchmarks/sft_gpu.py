@@ -114,6 +114,8 @@ def run_tunelab(args, data: Path, lora: bool):
 
     extra = [f"train.packing={'false' if args.no_packing else 'true'}", f"train.pack_length={args.pack_length}",
              f"model.attention={args.attention}"]
+    if args.compile:
+        extra += ["train.compile=true", f"train.compile_backend={args.compile}"]
     if lora:
         extra += ["train.mode=lora", "lora.r=16", "lora.alpha=32", "lora.targets=[q_proj,v_proj]"]
     with tempfile.TemporaryDirectory() as out:
@@ -167,6 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="sdpa", help="tunelab's model.attention (sdpa, flex_attention, ...)")
     p.add_argument("--pack-length", type=int, default=16384)
     p.add_argument("--no-packing", action="store_true", help="tunelab without packing (length regrouping)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None,
+                   help="tunelab with train.compile (each decoder layer; optional backend, default inductor)")
     p.add_argument("--lora", action="store_true", help="also time tunelab with LoRA r=16 on q,v")
     p.add_argument("--trl-defaults", action="store_true", help="TRL with its own defaults (gradient checkpointing)")
     p.add_argument("--skip", default="", help="comma-separated: plain,trl,tunelab")
@@ -178,8 +182,9 @@ def parse_args(argv=None):
 
 
 def steady(xs: list[float]) -> float:
-    """Throughput over the steps after the first two (which pay one-off costs: allocation, autotuning)."""
-    return statistics.fmean(xs[2:]) if len(xs) > 2 else statistics.fmean(xs)
+    """Throughput over the steps after the first two (which pay one-off costs: allocation, autotuning), as a
+    median: a later step that recompiles (train.compile, a new shape) does not drag the figure."""
+    return statistics.median(xs[2:]) if len(xs) > 2 else statistics.median(xs)
 
 
 def run_one(args) -> dict:
@@ -236,7 +241,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
     out: dict[str, object] = {"machine": f"{gpu}, torch {torch.__version__}", "model": args.model,
                               "steps": args.steps, "batch": args.batch, "dtype": args.dtype,
-                              "attention": args.attention, "packing": not args.no_packing}
+                              "attention": args.attention, "packing": not args.no_packing,
+                              "compile": args.compile}
     for name, r in results.items():
         out[f"{name}_tok_s"] = round(steady(r["tok_s"]), 1)
         out[f"{name}_peak_mb"] = round(r["peak_mb"])

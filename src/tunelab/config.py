@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-from .data.templates import check_template
+from .data.templates import check_template, fields_of
 from .errors import TunelabError
 
 
@@ -65,6 +65,16 @@ class ColumnsConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Extra training records: strings sampled from a character n-gram model of one field's training values
+    (none equal to a real or held-out value), formatted by the recipe's templates like the real ones."""
+
+    field: str | None = None  # the record field to model and fill (e.g. name)
+    count: int = 0  # records to add (0: none)
+    order: int = 4  # n of the character n-gram: each character given the previous order - 1
+
+
+@dataclass
 class DataConfig:
     train: SourceConfig | None = None
     validation: SourceConfig | None = None
@@ -84,6 +94,7 @@ class DataConfig:
     add_eos: bool = True
     group_by_length: bool = True
     weight_field: str | None = None  # a numeric record field that weights each example's loss (e.g. a score)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -117,6 +128,8 @@ class TrainConfig:
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     packing: bool = False  # SFT: a micro-batch's examples end to end in rows of <= pack_length tokens
     pack_length: int = 8192  # (each example attends only to itself: position_ids restart, a block mask)
+    compile: bool = False  # torch.compile each decoder layer (opt-in: measured slower on CPU; for GPUs)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: compiles without code generation)
     parallel: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))  # several processes: replicate or shard
 
 
@@ -604,6 +617,12 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
     need(t.pack_length >= 2, "train.pack_length", "must be at least 2")
+    if t.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        need(t.compile_backend in backends, "train.compile_backend",
+             f"unknown torch.compile backend {t.compile_backend!r} (one of: {', '.join(backends)})")
     need(not t.packing or (cfg.task != "classification" and cfg.kd.teacher is None), "train.packing",
          "packing applies to supervised fine-tuning of a causal LM (not classification or token-level distillation)")
     for k in ("log_every", "eval_every", "checkpoint_every"):
@@ -647,6 +666,18 @@ def _check(cfg: Config, loc: _Located) -> None:
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
     need(d.weight_field is None or cfg.task != "classification", "data.weight_field",
          "example weights are for generation and chat tasks")
+    sy = d.synthetic
+    need(sy.count >= 0, "data.synthetic.count", "must be non-negative")
+    need(sy.order >= 1, "data.synthetic.order", "must be at least 1")
+    if sy.count:
+        need(sy.field is not None, "data.synthetic.field", "name the record field to synthesise (e.g. name)")
+        need(cfg.task in ("generation", "classification") and d.format == "template" and d.formatter is None
+             and not cfg.instruct.tasks and cfg.sni.dir is None, "data.synthetic",
+             "synthetic records are for template-formatted generation and classification data")
+        templates = [d.prompt, d.completion] if cfg.task == "generation" else [cfg.classify.text, cfg.classify.label]
+        other = sorted({f for tpl in templates for f in fields_of(tpl)} - {sy.field})
+        need(not other, "data.synthetic.field",
+             f"synthetic records have only the field {sy.field!r}, but the templates use {', '.join(other)}")
     k = cfg.kd
     if k.teacher is not None or k.cache is not None:
         need(cfg.task in ("generation", "chat"), "kd.teacher", "distillation is for generation and chat tasks")

@@ -216,6 +216,29 @@ def test_cross_field_checks(tmp_path, override, key):
         load_config(_recipe(tmp_path), [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.synthetic.count=5"], r"data\.synthetic\.field: name the record field"),
+    (["data.synthetic.count=-1"], r"data\.synthetic\.count: must be non-negative"),
+    (["data.synthetic.order=0"], r"data\.synthetic\.order: must be at least 1"),
+    (["data.synthetic.count=5", "data.synthetic.field=name", "data.prompt={name} {q}",
+      "data.completion={name|reverse}"],
+     r"data\.synthetic\.field: synthetic records have only the field 'name', but the templates use q"),
+    (["data.synthetic.count=5", "data.synthetic.field=name", "task=chat"], r"data\.synthetic: synthetic records"),
+])
+def test_synthetic_checks(tmp_path, overrides, message):
+    with pytest.raises(TunelabError, match=message):
+        load_config(_recipe(tmp_path), overrides)
+    ok = load_config(_recipe(tmp_path), ["data.synthetic.count=5", "data.synthetic.field=name",
+                                         "data.prompt={name}", "data.completion={name|reverse}"])
+    assert ok.data.synthetic.count == 5
+
+
+def test_compile_backend_must_exist(tmp_path):
+    with pytest.raises(TunelabError, match=r"train\.compile_backend: unknown torch.compile backend 'bogus'"):
+        load_config(_recipe(tmp_path), ["train.compile=true", "train.compile_backend=bogus"])
+    assert load_config(_recipe(tmp_path), ["train.compile=true", "train.compile_backend=aot_eager"]).train.compile
+
+
 def test_validation_size_count_or_fraction(tmp_path):
     assert load_config(_recipe(tmp_path), ["data.validation_size=0.1"]).data.validation_size == 0.1
     assert load_config(_recipe(tmp_path), ["data.validation_size=50"]).data.validation_size == 50

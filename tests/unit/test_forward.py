@@ -214,3 +214,33 @@ def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
     m.config._attn_implementation = "flex_attention"
     other = batch
     assert prefix_packed_loss_sum(m, other) is None
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny):
+    """train.compile: each decoder layer compiled in place (aot_eager here: no code generation on the test
+    machine); loss and gradients equal the eager model's, over batches of changing shapes; names unchanged."""
+    import copy
+
+    from tunelab.train.forward import compile_layers, eager
+
+    model, tok = tiny
+    ref, m = copy.deepcopy(model), copy.deepcopy(model)
+    assert compile_layers(m, "aot_eager") == model.config.num_hidden_layers
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    ref.train()
+    m.train()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for names in (["emma", "olivia", "ava"], ["isabella", "sophia", "jo", "christopher"]):
+        results = []
+        for net in (ref, m):
+            net.zero_grad()
+            loss, n = causal_lm_loss_sum(net, _batch(tok, names, shared=False), chunk=5)
+            loss.backward()
+            results.append((loss.item(), n, _grads(net)))
+        _assert_all_match(results)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the compiled layers did run
+    with eager():  # evaluation runs the same layers without compiling for each decoding shape
+        m.eval()
+        ids = tok("Reverse the name: emma. Answer:", return_tensors="pt")["input_ids"]
+        out = m.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(out, ref.eval().generate(ids, max_new_tokens=3, do_sample=False))

@@ -14,10 +14,12 @@ Exact speed-ups over ``model(**batch).logits`` + cross-entropy, all on by defaul
   this is cheaper than packed rows, whose attention grows with the row's square (measured);
 - the last position of an example predicts nothing (there is no next token), so it is never computed.
 ``train.packing`` packs whole examples instead (no prefix sharing): the path for long examples on a GPU.
+``train.compile`` compiles each decoder layer (``compile_layers``); evaluation and generation run eager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -28,6 +30,23 @@ from .objectives import masked_ce_sum, selected_ce_sum, supervised_ce_sum
 MIN_SHARED_PREFIX = 2  # tokens; below this the second forward call costs more than it saves
 MAX_PACKED_TOKENS = 8192  # prefix_packed_loss_sum: a batch's tokens after the prefix, at most
 PACKED_ROW_TOKENS = 128  # prefix_packed_loss_sum: tokens a packed row aims at (attention cost ~ its square)
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer in place (regional compilation: the layers share one code object,
+    so one compiled graph serves them all, and the parameter names, hence checkpoints, do not change).
+    Shapes that vary from batch to batch become dynamic after the first recompilation. Returns the count."""
+    from ..dist import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Run compiled modules eagerly (evaluation, generation: shapes change at every decoding step)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def split_head(model) -> tuple[nn.Module, nn.Module] | None:

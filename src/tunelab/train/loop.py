@@ -42,7 +42,7 @@ from ..evaluate import (
 from ..models import load_model, load_tokenizer, resolve_model_path
 from ..tracking import Trackers
 from . import checkpoint as ckpt
-from .forward import causal_lm_loss_sum, packed_loss_sum
+from .forward import causal_lm_loss_sum, compile_layers, eager, packed_loss_sum
 from .objectives import EarlyStopping, lr_factor
 from .trainable import apply_mode, count_parameters, param_groups, save_trained, set_dropout, trainable_state
 
@@ -208,6 +208,12 @@ def supervised_weight(batch: dict[str, torch.Tensor]) -> float:
 def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
                  labels: list[str] | None = None) -> dict:
     """Validation loss and, on the held-out split, exact match (generation) or accuracy (classification)."""
+    with eager():
+        return _evaluate_run(model, tok, cfg, examples, val, quiet, labels)
+
+
+def _evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
+                  labels: list[str] | None) -> dict:
     out: dict[str, Any] = {}
     if val:
         out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size, cfg.train.loss_chunk,
@@ -374,6 +380,10 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
+    if "synthetic" in data_stats:
+        sy = data_stats["synthetic"]
+        say(f"data.synthetic: {sy['records']} of the training examples are {sy['field']} values sampled from a "
+            f"character {sy['order']}-gram model of the real ones (none is a real or held-out value)", quiet)
     if "mixture" in data_stats:
         from ..data.instruct import mixture_table
 
@@ -384,6 +394,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             f"{', '.join(sni['eval_tasks'])}", quiet)
     model = trainable_model(lm, cfg, labels)
     del lm
+    if cfg.train.compile:
+        n = compile_layers(model, cfg.train.compile_backend)
+        say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
     n_train, n_total = count_parameters(model)
     say(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%), "
         f"mode={cfg.train.mode}", quiet)
@@ -556,7 +569,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 step < steps or stopper is not None)
             stop_now = False
             if evaluating and (d.main or fsdp):  # FSDP: every process takes part, rank 0 records
-                with gathered():
+                with gathered(), eager():
                     if val_ex:
                         rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
                                                                 cfg.train.loss_chunk, objective(cfg)[0]), 6)
