@@ -131,6 +131,10 @@ def test_data_show_marks_supervised_tokens(recipe: Path):
     assert "Reverse the name:" in first.split("⟦")[0]  # the prompt is outside the marks
     assert "<eos>⟧" in out  # EOS carries loss
     assert "length_mean=" in out and "supervised_tokens=" in out
+    # data.synthetic adds name-like training records; the statistics say how many
+    out = tunelab("data", "show", str(recipe), "data.synthetic.field=name", "data.synthetic.count=40",
+                  "data.synthetic.order=3", "-n", "1").stdout
+    assert "synthetic: field=name, order=3, asked=40, records=" in out
 
 
 def test_overrides_work_on_every_recipe(recipe: Path, tmp_path):

@@ -499,3 +499,28 @@ def test_collate_left_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, 8]]
+
+
+def test_synthetic_records_are_fitted_on_train_and_never_held_out(tmp_path):
+    import random
+
+    from tunelab.config import SyntheticConfig
+
+    rng = random.Random(3)
+    names = sorted({"".join(rng.choice("aeilmnorst") for _ in range(rng.randint(4, 7))) for _ in range(600)})
+    p = _jsonl(tmp_path / "n.jsonl", [{"name": n} for n in names])
+    cfg = DataConfig(train=SourceConfig(path=str(p)), validation_size=100, test_size=50,
+                     synthetic=SyntheticConfig(field="name", count=300, order=3))
+    s = split_records(cfg, seed=0)
+    real = [r for r in s["train"] if not r.where.startswith("data.synthetic")]
+    made = [r for r in s["train"] if r.where.startswith("data.synthetic")]
+    assert len(real) == len(names) - 150 and 250 <= len(made) <= 300
+    assert made[0].where == "data.synthetic[0]" and made[0].fields.keys() == {"name"}
+    held = {r.fields["name"] for r in s["validation"] + s["test"]}
+    made_names = {r.fields["name"] for r in made}
+    assert not made_names & held and not made_names & set(names)  # novel: no real and no held-out value
+    assert [r.fields for r in split_records(cfg, seed=0)["train"]] == [r.fields for r in s["train"]]
+    with pytest.raises(TunelabError, match="must be a string field") as e:
+        split_records(DataConfig(train=SourceConfig(path=str(_jsonl(tmp_path / "x.jsonl", [{"name": 5}]))),
+                                 synthetic=SyntheticConfig(field="name", count=3)), seed=0)
+    assert e.value.where.endswith("x.jsonl:1")

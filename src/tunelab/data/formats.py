@@ -266,8 +266,30 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
                 raise TunelabError("no records", src.path or src.dataset or f"data.{s}")
     if cfg.train_size is not None:
         train = train[: cfg.train_size]
+    if cfg.synthetic.count:
+        train = train + synthetic_records(train, [*splits["validation"], *splits["test"]], cfg, seed)
     splits["train"] = train
     return splits
+
+
+SYNTHETIC = "data.synthetic"  # where= of a synthetic record: data.synthetic[i]
+
+
+def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, seed: int) -> list[Record]:
+    """data.synthetic: records of one field sampled from a character n-gram model of the training values
+    (after the split, so held-out values never shape it), none equal to a training or held-out value."""
+    from .synthetic import synthesize
+
+    f = cfg.synthetic.field
+    values = []
+    for r in train:
+        v = r.fields.get(f)
+        if not isinstance(v, str):
+            raise TunelabError(f"data.synthetic.field {f!r} must be a string field, got {v!r}", r.where)
+        values.append(v)
+    exclude = {str(r.fields[f]) for r in held if f in r.fields}
+    made = synthesize(values, cfg.synthetic.count, cfg.synthetic.order, seed, exclude)
+    return [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
 
 
 def label_names(records: list[Record], ccfg: ClassifyConfig) -> list[str]:
@@ -426,6 +448,10 @@ def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str,
             kept[task] = kept.get(task, 0) + 1
         for name, r in stats["mixture"]["tasks"].items():
             r["kept"] = kept.get(name, 0)
+    if cfg.data.synthetic.count:
+        stats["synthetic"] = {"field": cfg.data.synthetic.field, "order": cfg.data.synthetic.order,
+                              "asked": cfg.data.synthetic.count,
+                              "records": sum(e.where.startswith(SYNTHETIC) for e in splits["train"])}
     if labels is not None:
         seen = {e.label for e in splits["train"]}
         if len(seen) < 2:

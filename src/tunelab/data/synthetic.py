@@ -1,0 +1,87 @@
+"""Synthetic training records: fresh strings sampled from a character n-gram model of a field's training
+values (makemore's bigram model, with a longer context), none equal to a real or held-out value.
+
+Data augmentation for tasks over short strings such as names. Trained for epochs on the same 29k names,
+a model memorises them (on the reversal task: training loss 0.04 against 0.36 on held-out names); new
+name-like strings at every step make it learn the rule instead. The targets still come from the recipe's
+templates (``{name|reverse}``), so they are exact. The model is fitted on the training split only, after
+the held-out split is taken, and held-out values are never produced.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import Counter, defaultdict
+
+BOS, EOS = "\x02", "\x03"  # start padding and end of string: characters no value contains
+
+
+class CharNgram:
+    """p(next character | previous ``order - 1`` characters), by counting; sampling draws from the counts."""
+
+    def __init__(self, values: list[str], order: int) -> None:
+        if order < 1:
+            raise ValueError("order must be at least 1")
+        self.context = order - 1
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for v in values:
+            s = BOS * self.context + v + EOS
+            for i in range(self.context, len(s)):
+                counts[s[i - self.context:i]][s[i]] += 1
+        self.table: dict[str, tuple[list[str], list[int]]] = {}
+        for ctx, c in counts.items():
+            chars = sorted(c)
+            cum, total = [], 0
+            for ch in chars:
+                total += c[ch]
+                cum.append(total)
+            self.table[ctx] = (chars, cum)
+
+    def sample(self, rng: random.Random, max_len: int) -> str | None:
+        """One string, or None when it runs past max_len characters."""
+        ctx, out = BOS * self.context, []
+        while True:
+            chars, cum = self.table[ctx]
+            ch = chars[bisect.bisect_right(cum, rng.random() * cum[-1])]
+            if ch == EOS:
+                return "".join(out)
+            out.append(ch)
+            if len(out) > max_len:
+                return None
+            if self.context:
+                ctx = (ctx + ch)[-self.context:]
+
+
+def synthesize(values: list[str], count: int, order: int, seed: int, exclude: set[str] = frozenset(),
+               tries_per_value: int = 20) -> list[str]:
+    """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``,
+    with the length distribution of ``values`` (each length gets its share of ``count``; a length whose
+    novel strings run out, such as the shortest names, gets fewer). Deterministic for a seed; the order
+    is shuffled."""
+    values = [v for v in values if v]
+    if not values or count <= 0:
+        return []
+    model = CharNgram(values, order)
+    lengths = Counter(len(v) for v in values)
+    exact = {n: count * k / len(values) for n, k in lengths.items()}
+    quota = {n: int(q) for n, q in exact.items()}  # largest remainders: the quotas add up to count
+    for n in sorted(exact, key=lambda n: (quota[n] - exact[n], n))[:count - sum(quota.values())]:
+        quota[n] += 1
+    taken = set(values) | set(exclude)
+    rng = random.Random(seed)
+    by_len: dict[int, list[str]] = defaultdict(list)
+    missing = sum(quota.values())
+    max_len = max(lengths)
+    for _ in range(tries_per_value * count):
+        if missing == 0:
+            break
+        s = model.sample(rng, max_len)
+        if s is None or s in taken or len(by_len[len(s)]) >= quota.get(len(s), 0):
+            continue
+        taken.add(s)
+        by_len[len(s)].append(s)
+        missing -= 1
+    out = [s for n in sorted(by_len) for s in by_len[n]]
+    rng.shuffle(out)
+    return out
