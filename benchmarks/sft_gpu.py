@@ -15,6 +15,11 @@ tunelab runs with packing (train.packing=true: the examples of a micro-batch end
 restarting for each, so no token attends across examples) and its loss only on supervised positions;
 ``--lora`` also times tunelab with LoRA (r=16, q,v) on the same data (the target: not slower than full).
 TRL runs with bf16 and gradient checkpointing off (``--trl-defaults`` leaves its defaults on).
+
+``--random-init`` draws the model's weights afresh from a seed (the same weights in every framework):
+throughput does not depend on the weights, and a directory holding only the model's config.json and
+tokenizer (``--save-skeleton DIR`` writes one) is then enough - the way to run this on a machine that
+cannot hold or reach the built-in model's file (see benchmarks/gpu_session.sh).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def synthetic_alpaca(path: Path, n: int, mean_tokens: int, seed: int) -> None:
 
 
 def overrides(args, data: Path) -> list[str]:
-    return [f"model={args.model}", f"model.device={args.device}", f"model.dtype={args.dtype}",
+    init = ["model.init=random", f"model.init_seed={args.seed}"] if args.random_init else []
+    return [f"model={args.model}", *init, f"model.device={args.device}", f"model.dtype={args.dtype}",
             f"data.train={data}", "data.format=alpaca", f"data.max_length={args.max_length}",
             "data.validation_size=0", "data.unique_by=null", "data.group_by_length=false",
             f"train.max_steps={args.steps}",
@@ -86,6 +92,13 @@ def load_base(args, path):
 
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if args.random_init:  # as tunelab's model.init=random does: from the config, seeded
+        from transformers import AutoConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        return model.to(args.device)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device)
 
 
@@ -169,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="sdpa", help="tunelab's model.attention (sdpa, flex_attention, ...)")
     p.add_argument("--pack-length", type=int, default=16384)
     p.add_argument("--no-packing", action="store_true", help="tunelab without packing (length regrouping)")
+    p.add_argument("--random-init", action="store_true", help="seeded fresh weights (same in every framework)")
+    p.add_argument("--save-skeleton", metavar="DIR", help="write --model's config.json and tokenizer to DIR, exit")
     p.add_argument("--compile", nargs="?", const="inductor", default=None,
                    help="tunelab with train.compile (each decoder layer; optional backend, default inductor)")
     p.add_argument("--lora", action="store_true", help="also time tunelab with LoRA r=16 on q,v")
@@ -209,8 +224,24 @@ def run_one(args) -> dict:
     return {"losses": losses, "tok_s": tok_s, "peak_mb": peak_mb(args.device), "mean_tokens": mean_len}
 
 
+def save_skeleton(model: str, out: Path) -> None:
+    """The model's config.json and tokenizer files, no weights: enough for --random-init elsewhere."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.save_skeleton:
+        save_skeleton(args.model, Path(args.save_skeleton))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.only:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -242,7 +273,8 @@ def main() -> None:
     out: dict[str, object] = {"machine": f"{gpu}, torch {torch.__version__}", "model": args.model,
                               "steps": args.steps, "batch": args.batch, "dtype": args.dtype,
                               "attention": args.attention, "packing": not args.no_packing,
-                              "compile": args.compile}
+                              "compile": args.compile,
+                              "random_init": args.random_init}
     for name, r in results.items():
         out[f"{name}_tok_s"] = round(steady(r["tok_s"]), 1)
         out[f"{name}_peak_mb"] = round(r["peak_mb"])

@@ -12,15 +12,23 @@ import pytest
 from conftest import ROOT
 
 
-def test_sft_gpu_script_smoke_run_on_cpu(tiny_model):
+def test_sft_gpu_script_smoke_run_on_cpu(tiny_model, tmp_path):
     """benchmarks/sft_gpu.py --device cpu: every framework trains on the same batches; in fp32 tunelab's
-    packed, compiled loss curve is the plain loop's (packing and compiling are exact), and the JSON line has
-    the issue's keys."""
+    packed, compiled loss curve (train.compile with aot_eager: no code generation on the test machine) is
+    the plain loop's (packing and compiling are exact; --random-init draws the same weights in every
+    framework), and the JSON line has the issue's keys."""
     skip = [] if importlib.util.find_spec("trl") else ["--skip", "trl"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "sft_gpu.py"), "--device", "cpu", "--model", str(tiny_model),
-           "--steps", "2", "--batch", "4", "--examples", "24", "--mean-tokens", "40", "--lr", "1e-3",
-           "--pack-length", "96", "--lora", "--compile", "aot_eager", *skip]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    script = str(ROOT / "benchmarks" / "sft_gpu.py")
+    skeleton = tmp_path / "skeleton"  # config and tokenizer, no weights: what --random-init needs
+    spec = importlib.util.spec_from_file_location("sft_gpu", script)
+    sft_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft_gpu)
+    sft_gpu.save_skeleton(str(tiny_model), skeleton)
+    assert (skeleton / "config.json").exists() and not list(skeleton.glob("*.safetensors"))
+    cmd = [sys.executable, script, "--device", "cpu", "--model", str(skeleton),
+           "--steps", "2", "--batch", "4", "--examples", "24", "--mean-tokens", "40", "--lr", "1e-3",
+           "--pack-length", "96", "--lora", "--compile", "aot_eager", "--random-init", *skip]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -32,7 +40,7 @@ def test_sft_gpu_script_smoke_run_on_cpu(tiny_model):
     assert out["mean_tokens"] > 20
     assert out["loss_diff_vs_plain"] < 1e-4  # fp32: tunelab (packed) computes the plain loop's losses
     assert "failed" not in proc.stderr
-    assert out["compile"] == "aot_eager"
+    assert out["compile"] == "aot_eager" and out["random_init"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
