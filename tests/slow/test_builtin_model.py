@@ -36,7 +36,7 @@ def test_a_few_steps_of_the_shipped_recipe(tmp_path):
     run = tmp_path / "run"
     proc = tunelab("train", str(ROOT / "recipes" / "reverse_names.yaml"), f"output.dir={run}",
                    "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=0",
-                   "eval.max_examples=8", "eval.batch_size=8", "eval.show=3")
+                   "data.validation_size=16", "eval.max_examples=8", "eval.batch_size=8", "eval.show=3")
     assert "emma" in proc.stdout or "→" in proc.stdout
     result = json.loads((run / "eval.json").read_text())
     assert result["n"] == 8 and "exact_match" in result and "before" in result
@@ -86,6 +86,7 @@ def test_builtin_chat_template_masks_and_a_few_steps(tmp_path):
     run = tmp_path / "run"
     proc = tunelab("train", str(ROOT / "recipes" / "chat_names.yaml"), f"output.dir={run}",
                    "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=0",
-                   "eval.max_examples=8", "eval.batch_size=8", "eval.show=2", "eval.max_new_tokens=8")
+                   "data.validation_size=16", "eval.max_examples=8", "eval.batch_size=8", "eval.show=2",
+                   "eval.max_new_tokens=8")
     assert "after fine-tuning" in proc.stdout
     assert json.loads((run / "eval.json").read_text())["n"] == 8
