@@ -618,7 +618,11 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
     need(t.pack_length >= 2, "train.pack_length", "must be at least 2")
     if t.compile:
+        import torch
         import torch._dynamo
+
+        need(hasattr(torch.compiler, "set_stance"), "train.compile",
+             f"needs torch >= 2.6 (this is {torch.__version__})")
 
         backends = torch._dynamo.list_backends(exclude_tags=())
         need(t.compile_backend in backends, "train.compile_backend",
@@ -671,11 +675,12 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(sy.order >= 1, "data.synthetic.order", "must be at least 1")
     if sy.count:
         need(sy.field is not None, "data.synthetic.field", "name the record field to synthesise (e.g. name)")
-        need(cfg.task in ("generation", "classification") and d.format == "template" and d.formatter is None
+        need(cfg.task == "generation" and d.format == "template" and d.formatter is None
              and not cfg.instruct.tasks and cfg.sni.dir is None, "data.synthetic",
-             "synthetic records are for template-formatted generation and classification data")
-        templates = [d.prompt, d.completion] if cfg.task == "generation" else [cfg.classify.text, cfg.classify.label]
-        other = sorted({f for tpl in templates for f in fields_of(tpl)} - {sy.field})
+             "synthetic records are for template-formatted generation data (task: generation)")
+        need(d.weight_field is None, "data.synthetic",
+             f"synthetic records have no {d.weight_field!r} field to weight them by (data.weight_field)")
+        other = sorted({f for tpl in (d.prompt, d.completion) for f in fields_of(tpl)} - {sy.field})
         need(not other, "data.synthetic.field",
              f"synthetic records have only the field {sy.field!r}, but the templates use {', '.join(other)}")
     k = cfg.kd

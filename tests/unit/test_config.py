@@ -224,6 +224,10 @@ def test_cross_field_checks(tmp_path, override, key):
       "data.completion={name|reverse}"],
      r"data\.synthetic\.field: synthetic records have only the field 'name', but the templates use q"),
     (["data.synthetic.count=5", "data.synthetic.field=name", "task=chat"], r"data\.synthetic: synthetic records"),
+    (["data.synthetic.count=5", "data.synthetic.field=name", "task=classification", "classify.text={name}",
+      "classify.label={name|len}"], r"data\.synthetic: synthetic records are for template-formatted generation"),
+    (["data.synthetic.count=5", "data.synthetic.field=name", "data.prompt={name}", "data.completion={name}",
+      "data.weight_field=score"], r"data\.synthetic: synthetic records have no 'score' field"),
 ])
 def test_synthetic_checks(tmp_path, overrides, message):
     with pytest.raises(TunelabError, match=message):

@@ -8,6 +8,7 @@ from conftest import build_tiny_model
 
 from tunelab.data.batching import collate
 from tunelab.data.formats import Example, mask_prompt
+from tunelab.errors import TunelabError
 from tunelab.train.forward import body_hidden, causal_lm_loss_sum, length_groups, shared_prefix_len, split_head
 from tunelab.train.objectives import masked_ce_sum
 
@@ -226,6 +227,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny):
     model, tok = tiny
     ref, m = copy.deepcopy(model), copy.deepcopy(model)
     assert compile_layers(m, "aot_eager") == model.config.num_hidden_layers
+    with pytest.raises(TunelabError, match="no repeated decoder layers"):
+        compile_layers(torch.nn.Linear(2, 2), "aot_eager")
     assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
     ref.train()
     m.train()

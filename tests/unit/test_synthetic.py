@@ -52,3 +52,14 @@ def test_synthesize_is_novel_distinct_deterministic_and_length_matched():
     for n in want:
         assert got[n] / len(out) == pytest.approx(want[n] / len(values), abs=0.02)
     assert synthesize(values, 0, 3, seed=0) == [] and synthesize([], 10, 3, seed=0) == []
+
+
+def test_exclusion_ignores_case_and_surrounding_spaces():
+    """A template may apply lower/upper/title/strip: ' Emma' must not stand in for a held-out 'emma'."""
+    values = ["ab", "ba", "aab", "abb", "bab", "aba"]
+    everything = set(synthesize(values, 1000, order=2, seed=0))
+    assert everything  # the strings this model can make beyond the values
+    held = {f" {s.upper()} " for s in everything}
+    assert synthesize(values, 1000, order=2, seed=0, exclude=held) == []
+    assert synthesize(["AB", "Ba", "aab", "abb", "bab", "aba"], 50, 2, seed=0, exclude=set()) != []
+    assert not {s.casefold() for s in synthesize(["AB", "Ba"] * 3, 50, 2, seed=1)} & {"ab", "ba"}

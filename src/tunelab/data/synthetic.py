@@ -53,9 +53,15 @@ class CharNgram:
                 ctx = (ctx + ch)[-self.context:]
 
 
+def same_value(s: str) -> str:
+    """What two values must differ in to count as different: templates can change case and strip spaces."""
+    return s.strip().casefold()
+
+
 def synthesize(values: list[str], count: int, order: int, seed: int, exclude: set[str] = frozenset(),
                tries_per_value: int = 20) -> list[str]:
-    """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``,
+    """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``
+    (compared up to case and surrounding spaces, ``same_value``),
     with the length distribution of ``values`` (each length gets its share of ``count``; a length whose
     novel strings run out, such as the shortest names, gets fewer). Deterministic for a seed; the order
     is shuffled."""
@@ -68,7 +74,7 @@ def synthesize(values: list[str], count: int, order: int, seed: int, exclude: se
     quota = {n: int(q) for n, q in exact.items()}  # largest remainders: the quotas add up to count
     for n in sorted(exact, key=lambda n: (quota[n] - exact[n], n))[:count - sum(quota.values())]:
         quota[n] += 1
-    taken = set(values) | set(exclude)
+    taken = {same_value(v) for v in [*values, *exclude]}
     rng = random.Random(seed)
     by_len: dict[int, list[str]] = defaultdict(list)
     missing = sum(quota.values())
@@ -77,9 +83,9 @@ def synthesize(values: list[str], count: int, order: int, seed: int, exclude: se
         if missing == 0:
             break
         s = model.sample(rng, max_len)
-        if s is None or s in taken or len(by_len[len(s)]) >= quota.get(len(s), 0):
+        if s is None or same_value(s) in taken or len(by_len[len(s)]) >= quota.get(len(s), 0):
             continue
-        taken.add(s)
+        taken.add(same_value(s))
         by_len[len(s)].append(s)
         missing -= 1
     out = [s for n in sorted(by_len) for s in by_len[n]]

@@ -39,6 +39,10 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     from ..dist import decoder_layers
 
     layers = decoder_layers(model)
+    if not layers:
+        from ..errors import TunelabError
+
+        raise TunelabError("found no repeated decoder layers to compile in this model", "train.compile")
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)
@@ -46,6 +50,8 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
 
 def eager() -> contextlib.AbstractContextManager:
     """Run compiled modules eagerly (evaluation, generation: shapes change at every decoding step)."""
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: nothing can have been compiled (see config)
+        return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 

@@ -395,6 +395,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     model = trainable_model(lm, cfg, labels)
     del lm
     if cfg.train.compile:
+        if d.on:
+            log.warning("train.compile under several processes (DDP/FSDP) is not tested yet")
         n = compile_layers(model, cfg.train.compile_backend)
         say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
     n_train, n_total = count_parameters(model)
