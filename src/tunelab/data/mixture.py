@@ -24,7 +24,7 @@ def mixture_counts(sizes: dict[str, int], weights: dict[str, float], caps: dict[
     if mode == "proportional":
         if total is None:
             return capped
-        return _split(total, {k: float(v) for k, v in capped.items()})  # the capped sizes are the weights
+        return proportional_counts(total, {k: float(v) for k, v in capped.items()})  # the capped sizes are the weights
     if mode != "weighted":
         raise ValueError(mode)
     for k, w in weights.items():
@@ -32,10 +32,10 @@ def mixture_counts(sizes: dict[str, int], weights: dict[str, float], caps: dict[
             raise TunelabError(f"task {k!r}: weight must be a finite non-negative number, got {w}", "instruct.tasks")
     if sum(weights.values()) <= 0:
         raise TunelabError("all mixture weights are zero: nothing to train on", "instruct.tasks")
-    return _split(total if total is not None else sum(capped.values()), weights)
+    return proportional_counts(total if total is not None else sum(capped.values()), weights)
 
 
-def _split(total: int, weights: dict[str, float]) -> dict[str, int]:
+def proportional_counts(total: int, weights: dict) -> dict:
     """total split in proportion to the weights, rounded by largest remainder (ties: declaration order)."""
     s = sum(weights.values())
     exact = {k: total * w / s for k, w in weights.items()}

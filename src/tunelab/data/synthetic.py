@@ -14,6 +14,8 @@ import bisect
 import random
 from collections import Counter, defaultdict
 
+from .mixture import proportional_counts
+
 BOS, EOS = "\x02", "\x03"  # start padding and end of string: characters no value contains
 
 
@@ -61,19 +63,16 @@ def same_value(s: str) -> str:
 def synthesize(values: list[str], count: int, order: int, seed: int, exclude: set[str] = frozenset(),
                tries_per_value: int = 20) -> list[str]:
     """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``
-    (compared up to case and surrounding spaces, ``same_value``),
-    with the length distribution of ``values`` (each length gets its share of ``count``; a length whose
-    novel strings run out, such as the shortest names, gets fewer). Deterministic for a seed; the order
+    (compared up to case and surrounding spaces, ``same_value``), with the length distribution of
+    ``values`` (each length gets its share of ``count``; a length whose novel strings run out, such as
+    the shortest names, gets fewer). Deterministic for a seed; the order
     is shuffled."""
     values = [v for v in values if v]
     if not values or count <= 0:
         return []
     model = CharNgram(values, order)
     lengths = Counter(len(v) for v in values)
-    exact = {n: count * k / len(values) for n, k in lengths.items()}
-    quota = {n: int(q) for n, q in exact.items()}  # largest remainders: the quotas add up to count
-    for n in sorted(exact, key=lambda n: (quota[n] - exact[n], n))[:count - sum(quota.values())]:
-        quota[n] += 1
+    quota = proportional_counts(count, dict(sorted(lengths.items())))  # ties: the shorter length
     taken = {same_value(v) for v in [*values, *exclude]}
     rng = random.Random(seed)
     by_len: dict[int, list[str]] = defaultdict(list)
