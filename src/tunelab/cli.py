@@ -44,7 +44,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.formats import build_dataset
     from .evaluate import before_after_table, format_confusion
     from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
-    from .train.loop import _without_samples, base_model_view, check_probes, eval_split, evaluate_run, probe_tables, say
+    from .train.loop import (
+        _without_samples,
+        base_model_view,
+        check_probes,
+        eval_split,
+        evaluate_run,
+        probe_tables,
+        say,
+        warn_budget,
+    )
 
     target = Path(args.target)
     is_run = target.is_dir() and (target / "config.yaml").exists()
@@ -64,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
     check_probes(cfg, examples)
+    warn_budget(cfg, tok, examples, args.quiet)
     base = None
     if args.base:
         if not is_run:

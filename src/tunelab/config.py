@@ -92,6 +92,9 @@ class DataConfig:
     truncation: str = field(default="drop", metadata=_choices("drop", "truncate", "error"))
     empty_target: str = field(default="error", metadata=_choices("error", "drop"))
     add_eos: bool = True
+    # how completions become tokens: bpe (the tokenizer's usual merges) or chars (one token per character,
+    # the same text: spelling tasks such as reversal no longer need a token's letters from memory)
+    completion_tokens: str = field(default="bpe", metadata=_choices("bpe", "chars"))
     group_by_length: bool = True
     weight_field: str | None = None  # a numeric record field that weights each example's loss (e.g. a score)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -670,6 +673,8 @@ def _check(cfg: Config, loc: _Located) -> None:
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
     need(d.weight_field is None or cfg.task != "classification", "data.weight_field",
          "example weights are for generation and chat tasks")
+    need(d.completion_tokens == "bpe" or cfg.task == "generation", "data.completion_tokens",
+         f"chars is for generation completions; a {cfg.task} task keeps the tokenizer's tokens")
     sy = d.synthetic
     need(sy.count >= 0, "data.synthetic.count", "must be non-negative")
     need(sy.order >= 1, "data.synthetic.order", "must be at least 1")

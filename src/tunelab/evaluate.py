@@ -36,6 +36,18 @@ def validation_loss(model, examples: list[Example], pad_id: int, batch_size: int
     return total / max(n, 1)
 
 
+def over_budget(examples: list[Example], max_new_tokens: int, eos_id: int | None) -> tuple[int, int]:
+    """How many generation examples have a completion of more tokens than greedy generation may write
+    (a final EOS not counted: the answer is whole without it), and the longest: those cannot match."""
+    lengths = []
+    for e in examples:
+        if e.prompt_len is None:
+            continue
+        n = len(e.input_ids) - e.prompt_len
+        lengths.append(n - 1 if n and e.input_ids[-1] == eos_id else n)
+    return sum(n > max_new_tokens for n in lengths), max(lengths, default=0)
+
+
 def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
                        progress: bool = False, display: str | None = None,
                        stop_ids: list[int] | None = None) -> dict[str, Any]:

@@ -117,9 +117,11 @@ def test_eval_merge_and_plain_peft_loading(tmp_path, tiny_model, names_file):
 
 
 def test_eval_on_a_recipe_evaluates_its_model(recipe: Path):
-    proc = tunelab("eval", str(recipe), "eval.max_examples=5")
+    proc = tunelab("eval", str(recipe), "eval.max_examples=5", "eval.max_new_tokens=1")
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["n"] == 5 and "val_loss" in metrics
+    # one new token cannot hold a reversed name: said up front, not silently scored as wrong
+    assert "warning: 5 of 5 evaluation completions have more tokens than eval.max_new_tokens=1" in proc.stderr
 
 
 def test_data_show_marks_supervised_tokens(recipe: Path):

@@ -237,6 +237,15 @@ def test_synthetic_checks(tmp_path, overrides, message):
     assert ok.data.synthetic.count == 5
 
 
+def test_completion_tokens(tmp_path):
+    assert load_config(_recipe(tmp_path)).data.completion_tokens == "bpe"
+    assert load_config(_recipe(tmp_path), ["data.completion_tokens=chars"]).data.completion_tokens == "chars"
+    with pytest.raises(TunelabError, match=r"data\.completion_tokens: .*'bytes'"):
+        load_config(_recipe(tmp_path), ["data.completion_tokens=bytes"])
+    with pytest.raises(TunelabError, match=r"data\.completion_tokens: chars is for generation completions; a chat"):
+        load_config(_recipe(tmp_path), ["data.completion_tokens=chars", "task=chat"])
+
+
 def test_compile_backend_must_exist(tmp_path):
     with pytest.raises(TunelabError, match=r"train\.compile_backend: unknown torch.compile backend 'bogus'"):
         load_config(_recipe(tmp_path), ["train.compile=true", "train.compile_backend=bogus"])

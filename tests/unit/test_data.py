@@ -11,7 +11,7 @@ from conftest import build_tiny_model
 
 from tunelab.config import DataConfig, SourceConfig
 from tunelab.data.batching import GROUP_CHUNK, collate, epoch_batches
-from tunelab.data.formats import IGNORE, Example, Pair, encode, split_records, to_pairs
+from tunelab.data.formats import IGNORE, Example, Pair, char_tokens, encode, split_records, to_pairs
 from tunelab.data.readers import Record, read_source
 from tunelab.data.templates import check_template, fields_of, render
 from tunelab.errors import TunelabError
@@ -273,6 +273,43 @@ def test_encode_without_eos(tok):
     assert tok.eos_token_id not in ex.input_ids
 
 
+def test_completion_tokens_chars_one_token_a_character_same_text(tok):
+    usual = _ids(tok, " annabelle", False)
+    assert len(usual) < len(" annabelle")  # the tiny tokenizer merges these letters
+    cfg = DataConfig(max_length=64, completion_tokens="chars")
+    (ex,), stats = encode([Pair(PROMPT, " annabelle", "f:1")], tok, cfg, "train")
+    n_p = len(_ids(tok, PROMPT, True))
+    target = ex.input_ids[n_p:-1]
+    assert [tok.decode([t]) for t in target] == list(" annabelle")
+    assert ex.input_ids[:n_p] == _ids(tok, PROMPT, True)  # the prompt keeps the usual tokens
+    assert ex.labels == [IGNORE] * n_p + target + [tok.eos_token_id]
+    assert stats.supervised == [len(" annabelle") + 1]
+
+
+def test_char_tokens_bytes_of_a_character_without_a_token(tok):
+    (ids,) = char_tokens([" é!"], tok)
+    assert tok.decode(ids) == " é!"
+    assert len(ids) == 4  # space, the two UTF-8 bytes of é, !
+
+
+class _PrefixSpaceTokenizer:
+    """Like a sentencepiece tokenizer: every call's text starts with a word boundary ("_")."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        one = isinstance(texts, str)
+        ids = [[ord("_")] + [ord(c) for c in t.replace(" ", "_")] for t in ([texts] if one else texts)]
+        return {"input_ids": ids[0] if one else ids}
+
+    def batch_decode(self, batch):
+        return ["".join(chr(i) for i in ids).replace("_", " ")[1:] for ids in batch]
+
+
+def test_char_tokens_refuses_a_tokenizer_that_changes_lone_characters():
+    with pytest.raises(TunelabError, match="does not spell ' ab' one character at a time") as e:
+        char_tokens([" ab"], _PrefixSpaceTokenizer())
+    assert e.value.where == "data.completion_tokens"
+
+
 def _long_and_short(tok):
     n_p = len(_ids(tok, PROMPT, True))
     short = Pair(PROMPT, " a", "f:1")
@@ -524,3 +561,20 @@ def test_synthetic_records_are_fitted_on_train_and_never_held_out(tmp_path):
         split_records(DataConfig(train=SourceConfig(path=str(_jsonl(tmp_path / "x.jsonl", [{"name": 5}]))),
                                  synthetic=SyntheticConfig(field="name", count=3)), seed=0)
     assert e.value.where.endswith("x.jsonl:1")
+
+
+def test_over_budget_counts_completions_longer_than_max_new_tokens():
+    from tunelab.evaluate import over_budget
+
+    def ex(prompt: int, target: list[int]) -> Example:
+        ids = list(range(10, 10 + prompt)) + target
+        return Example(ids, [IGNORE] * prompt + target, "p", "c", "f:1", prompt_len=prompt)
+
+    eos = 1
+    examples = [ex(3, [5, 6, eos]), ex(4, [5, 6, 7, 8, eos]), ex(2, [5, 6, 7]),  # 2, 4, 3 answer tokens
+                Example([5, 6], [IGNORE, 6], "p", "c", "f:2")]  # not generated from (no prompt_len)
+    assert over_budget(examples, 4, eos) == (0, 4)
+    assert over_budget(examples, 3, eos) == (1, 4)
+    assert over_budget(examples, 2, eos) == (2, 4)
+    assert over_budget(examples, 2, None) == (3, 5)  # no EOS to discount
+    assert over_budget([], 2, eos) == (0, 0)

@@ -182,13 +182,38 @@ def tokenize(texts: list[str], tok, special: bool, desc: str, chunk: int = 20_00
     return out
 
 
+def char_tokens(texts: list[str], tok, where: str = "data.completion_tokens") -> list[list[int]]:
+    """Token ids of each text one character at a time (a character's bytes where a byte-level tokenizer
+    has no token for it): the same text as the usual tokenization, checked by decoding both. A tokenizer
+    that changes a lone character (a sentencepiece prefix space, say) fails the check: an error, never
+    a silently different text."""
+    table: dict[str, list[int]] = {}
+    out = []
+    for text in texts:
+        ids: list[int] = []
+        for c in text:
+            if c not in table:
+                table[c] = tok(c, add_special_tokens=False)["input_ids"]
+            ids.extend(table[c])
+        out.append(ids)
+    usual = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    for text, a, b in zip(texts, tok.batch_decode(out), tok.batch_decode(usual)):
+        if a != b:
+            raise TunelabError(f"this tokenizer does not spell {text!r} one character at a time (it decodes "
+                               f"to {a!r}); use data.completion_tokens=bpe", where)
+    return out
+
+
 def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Example], EncodeStats]:
     stats = EncodeStats(total=len(pairs))
     eos = tok.eos_token_id
     if cfg.add_eos and eos is None:
         raise TunelabError("the tokenizer has no EOS token; set data.add_eos=false", "data.add_eos")
     prompts = tokenize([p.prompt for p in pairs], tok, True, f"tokenize {split}")
-    targets = tokenize([p.completion for p in pairs], tok, False, f"tokenize {split} targets")
+    if cfg.completion_tokens == "chars":
+        targets = char_tokens([p.completion for p in pairs], tok)
+    else:
+        targets = tokenize([p.completion for p in pairs], tok, False, f"tokenize {split} targets")
     out = []
     for pair, p_ids, t_ids in zip(pairs, prompts, targets):
         if not pair.completion.strip() or not t_ids:

@@ -262,6 +262,18 @@ def check_probes(cfg: Config, examples: list[Example] | None = None) -> None:
         probes.load_control(cfg.eval.control)
 
 
+def warn_budget(cfg: Config, tok, examples: list[Example], quiet: bool) -> None:
+    """Say so when eval.max_new_tokens is too short for some evaluation completions."""
+    from ..evaluate import over_budget
+
+    if cfg.task != "generation" or not cfg.eval.generate:
+        return
+    n, longest = over_budget(examples, cfg.eval.max_new_tokens, tok.eos_token_id)
+    if n:
+        say(f"warning: {n} of {len(examples)} evaluation completions have more tokens than "
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens} (the longest: {longest}): they cannot match", quiet)
+
+
 def probe_tables(before: dict | None, after: dict, heads: tuple[str, str] = ("before", "after")) -> str:
     """The per-task, per-variation and control-set tables, before and after, where there are any."""
     from ..probes import control_table
@@ -380,6 +392,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
+    warn_budget(cfg, tok, eval_ex, quiet)
     if "synthetic" in data_stats:
         sy = data_stats["synthetic"]
         say(f"data.synthetic: {sy['records']} of the training examples are {sy['field']} values sampled from a "
