@@ -657,7 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`data show R -n 3 k=v`): still overrides
+        if getattr(args, "overrides", None) is None or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     level = args.log_level.upper() if args.log_level else ("WARNING" if args.quiet else "INFO")
     logging.basicConfig(level=getattr(logging, level), format="%(message)s", stream=sys.stderr)
     try:

@@ -134,9 +134,12 @@ def test_data_show_marks_supervised_tokens(recipe: Path):
     assert "<eos>⟧" in out  # EOS carries loss
     assert "length_mean=" in out and "supervised_tokens=" in out
     # data.synthetic adds name-like training records; the statistics say how many
-    out = tunelab("data", "show", str(recipe), "data.synthetic.field=name", "data.synthetic.count=40",
-                  "data.synthetic.order=3", "-n", "1").stdout
+    # (overrides may also come after the options)
+    out = tunelab("data", "show", str(recipe), "data.synthetic.field=name", "-n", "1", "data.synthetic.count=40",
+                  "data.synthetic.order=3").stdout
     assert "synthetic: field=name, order=3, asked=40, records=" in out
+    bad = tunelab("data", "show", str(recipe), "-n", "1", "--nope", check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr
 
 
 def test_overrides_work_on_every_recipe(recipe: Path, tmp_path):
