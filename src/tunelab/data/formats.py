@@ -196,7 +196,7 @@ def char_tokens(texts: list[str], tok, where: str = "data.completion_tokens") ->
                 table[c] = tok(c, add_special_tokens=False)["input_ids"]
             ids.extend(table[c])
         out.append(ids)
-    usual = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    usual = tokenize(texts, tok, False, "tokenize targets (to check)")
     for text, a, b in zip(texts, tok.batch_decode(out), tok.batch_decode(usual)):
         if a != b:
             raise TunelabError(f"this tokenizer does not spell {text!r} one character at a time (it decodes "
