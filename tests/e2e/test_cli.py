@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -138,6 +139,12 @@ def test_data_show_marks_supervised_tokens(recipe: Path):
     out = tunelab("data", "show", str(recipe), "data.synthetic.field=name", "-n", "1", "data.synthetic.count=40",
                   "data.synthetic.order=3").stdout
     assert "synthetic: field=name, order=3, asked=40, records=" in out
+    # data.completion_tokens=chars: the same answers, one token a letter, so more supervised tokens
+    def supervised(*extra):
+        text = tunelab("data", "show", str(recipe), "-n", "1", *extra).stdout
+        return int(re.search(r"train: .*supervised_tokens=(\d+)", text).group(1))
+
+    assert supervised("data.completion_tokens=chars") > supervised()
     bad = tunelab("data", "show", str(recipe), "-n", "1", "--nope", check=False)
     assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr
 
