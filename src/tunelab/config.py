@@ -38,6 +38,10 @@ class ModelConfig:
     init_seed: int = 0  # fresh weights (seeded): pre-training's value, measured
     attention: str = field(default="auto", metadata=_choices("auto", "eager", "sdpa", "flex_attention",
                                                              "flash_attention_2"))  # attn_implementation
+    # a special token put before every text the tokenizer encodes with special tokens (prompts, not chat
+    # renderings), as Llama's tokenizer puts BOS; for tokenizers that add none (SmolLM2's: <|endoftext|>, its
+    # pre-training document separator), so that a prompt's first word is not at position 0
+    bos_token: str | None = None
 
 
 @dataclass

@@ -147,7 +147,34 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         raise _hub_error(cfg.name, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.bos_token is not None:
+        prepend_token(tok, cfg.bos_token)
     return tok
+
+
+def prepend_token(tok, token: str, where: str = "model.bos_token") -> None:
+    """Make ``tok`` start every text it encodes with special tokens with ``token`` (its post-processor, so
+    the tokenizer saved with a run does the same). A tokenizer that does so already is left as it is; one
+    that adds other special tokens is refused."""
+    tid = tok.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or (tid == tok.unk_token_id and token != tok.unk_token):
+        raise TunelabError(f"{token!r} is not a token of the model's tokenizer", where)
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    current = tok("a", add_special_tokens=True)["input_ids"]
+    if current == [tid, *plain]:
+        return
+    if current != plain:
+        raise TunelabError(f"the tokenizer already adds special tokens ({tok.decode(current)!r} for 'a'); "
+                           "leave model.bos_token unset", where)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise TunelabError("model.bos_token needs a fast (tokenizers) tokenizer", where)
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(single=f"{token} $A", pair=f"{token} $A $B:1",
+                                                special_tokens=[(token, tid)])
+    if tok("a", add_special_tokens=True)["input_ids"] != [tid, *plain]:
+        raise TunelabError(f"could not make the tokenizer start texts with {token!r}", where)
 
 
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")

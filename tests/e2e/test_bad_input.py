@@ -113,6 +113,8 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
         "config: early stopping without evaluations": (
             lambda: c.train("train.early_stopping_patience=3"), "train.eval_every: early stopping needs periodic"),
         "config: duplicate class names": (lambda: c.classify(labels=["1", "1"]), "classify.labels: has duplicates"),
+        "config: a start token the tokenizer lacks": (lambda: c.train("model.bos_token=<nope>"),
+                                                      "model.bos_token: '<nope>' is not a token"),
         # ---- data files
         "data: missing file": (lambda: c.train(names=c.tmp / "nope.txt"), "nope.txt: data file not found"),
         "data: malformed JSONL line": (lambda: c.train(data={

@@ -243,3 +243,22 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, names_file)
     assert len(best) == len(saved)
     for k, v in best.items():  # the adapter written is the best one (step 1), not the last
         assert torch.equal(saved[k.replace(".default", "")], v), k
+
+
+def test_bos_token_trains_evaluates_and_is_saved_with_the_run(tmp_path, tiny_chat_model, names_file):
+    """model.bos_token: every prompt starts with the token in training and generation, and the run's saved
+    tokenizer does the same (loading it again with the option adds no second one)."""
+    from transformers import AutoTokenizer
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_chat_model, names_file,
+                          train={"max_steps": 2, "lr": 5e-3, "batch_size": 8, "log_every": 1},
+                          eval={"before": False, "max_examples": 10, "max_new_tokens": 4, "show": 1})
+    shown = tunelab("data", "show", str(recipe), "-n", "1", "model.bos_token=<s>").stdout
+    assert "<s>Reverse the name: " in shown
+    tunelab("train", str(recipe), "model.bos_token=<s>")
+    run = tmp_path / "run"
+    saved = AutoTokenizer.from_pretrained(run / "adapter")
+    assert saved("ava")["input_ids"][0] == saved.convert_tokens_to_ids("<s>")
+    first = json.loads((run / "eval.json").read_text())["exact_match"]
+    tunelab("eval", str(run))
+    assert json.loads((run / "eval.json").read_text())["exact_match"] == first

@@ -348,3 +348,13 @@ def test_override_template_text_is_not_parsed_as_yaml(tmp_path):
 def test_bad_display_template_fails_early(tmp_path):
     with pytest.raises(TunelabError, match="unknown filter"):
         load_config(_recipe(tmp_path), ["eval.display={name|backwards}"])
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_recipe_passes_the_checks(path):
+    cfg = load_config(path)
+    assert cfg.description and cfg.model.name
+

@@ -310,6 +310,49 @@ def test_char_tokens_refuses_a_tokenizer_that_changes_lone_characters():
     assert e.value.where == "data.completion_tokens"
 
 
+# ---------------------------------------------------------------- model.bos_token: a start token before prompts
+
+
+@pytest.fixture(scope="module")
+def chat_model_path(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bos") / "model", chat=True)  # a <s> it never adds
+
+
+def test_bos_token_starts_every_prompt_and_no_completion(chat_model_path, tmp_path):
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    plain = load_tokenizer(ModelConfig(name=str(chat_model_path)))
+    tok = load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<s>"))
+    s = tok.convert_tokens_to_ids("<s>")
+    text = "ava spelled backwards is"
+    assert plain(text)["input_ids"][0] != s
+    assert tok(text)["input_ids"] == [s, *plain(text)["input_ids"]]
+    assert tok(text, add_special_tokens=False)["input_ids"] == plain(text)["input_ids"]  # chat renderings
+    (ex,), _ = encode([Pair(text, " ava", "f:1")], tok, DataConfig(max_length=64), "train")
+    assert ex.input_ids == [s, *plain(text)["input_ids"], *plain(" ava", add_special_tokens=False)["input_ids"],
+                            tok.eos_token_id]
+    assert ex.labels[0] == IGNORE and ex.prompt_len == len(plain(text)["input_ids"]) + 1
+    # the tokenizer saved with a run starts texts with <s> too; loading it with the option adds no second one
+    tok.save_pretrained(tmp_path / "saved")
+    again = load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<s>"), str(tmp_path / "saved"))
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_bos_token_errors(chat_model_path):
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    with pytest.raises(TunelabError, match="'<nope>' is not a token") as e:
+        load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<nope>"))
+    assert e.value.where == "model.bos_token"
+    tok = load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<s>"))
+    saved = chat_model_path.parent / "with_s"
+    tok.save_pretrained(saved)
+    with pytest.raises(TunelabError, match="already adds special tokens"):
+        load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<eos>"), str(saved))
+
+
 def _long_and_short(tok):
     n_p = len(_ids(tok, PROMPT, True))
     short = Pair(PROMPT, " a", "f:1")
