@@ -357,4 +357,3 @@ SHIPPED = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_every_shipped_recipe_passes_the_checks(path):
     cfg = load_config(path)
     assert cfg.description and cfg.model.name
-

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from tunelab.config import DataConfig, SourceConfig
+from tunelab.config import DataConfig, ModelConfig, SourceConfig
 from tunelab.data.batching import GROUP_CHUNK, collate, epoch_batches
 from tunelab.data.formats import IGNORE, Example, Pair, char_tokens, encode, split_records, to_pairs
 from tunelab.data.readers import Record, read_source
 from tunelab.data.templates import check_template, fields_of, render
 from tunelab.errors import TunelabError
+from tunelab.models import load_tokenizer
 
 # ---------------------------------------------------------------- templates
 
@@ -319,9 +320,6 @@ def chat_model_path(tmp_path_factory):
 
 
 def test_bos_token_starts_every_prompt_and_no_completion(chat_model_path, tmp_path):
-    from tunelab.config import ModelConfig
-    from tunelab.models import load_tokenizer
-
     plain = load_tokenizer(ModelConfig(name=str(chat_model_path)))
     tok = load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<s>"))
     s = tok.convert_tokens_to_ids("<s>")
@@ -340,9 +338,6 @@ def test_bos_token_starts_every_prompt_and_no_completion(chat_model_path, tmp_pa
 
 
 def test_bos_token_errors(chat_model_path):
-    from tunelab.config import ModelConfig
-    from tunelab.models import load_tokenizer
-
     with pytest.raises(TunelabError, match="'<nope>' is not a token") as e:
         load_tokenizer(ModelConfig(name=str(chat_model_path), bos_token="<nope>"))
     assert e.value.where == "model.bos_token"
