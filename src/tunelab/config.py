@@ -675,6 +675,9 @@ def _check(cfg: Config, loc: _Located) -> None:
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
+    need(cfg.model.bos_token is None or cfg.task != "chat", "model.bos_token",
+         "with task: chat the chat template decides how a conversation starts: put the start token in the "
+         "template (chat.template=FILE.jinja) and leave model.bos_token unset")
     need(d.weight_field is None or cfg.task != "classification", "data.weight_field",
          "example weights are for generation and chat tasks")
     need(d.completion_tokens == "bpe" or cfg.task == "generation", "data.completion_tokens",

@@ -154,6 +154,8 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
                                    "chat.template: unknown chat template 'nope'"),
         "chat: template without its special tokens": (lambda: c.chat([{"messages": turn}], model=c.model),
                                                       "chat.template: template chatml needs the special tokens"),
+        "chat: a start token for every prompt": (lambda: c.chat([{"messages": turn}]) + ["model.bos_token=<s>"],
+                                                 "model.bos_token: with task: chat the chat template decides"),
         "chat: unsafe template": (lambda: c.chat([{"messages": turn}], stop="<|im_end|>", template=str(
             _write(c.tmp / "t.jinja", "{{ ''.__class__.__mro__ }}"))), "tried something unsafe"),
         # ---- classification labels
