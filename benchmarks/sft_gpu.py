@@ -64,7 +64,8 @@ def synthetic_alpaca(path: Path, n: int, mean_tokens: int, seed: int) -> None:
 def overrides(args, data: Path) -> list[str]:
     init = ["model.init=random", f"model.init_seed={args.seed}"] if args.random_init else []
     return [f"model={args.model}", *init, f"model.device={args.device}", f"model.dtype={args.dtype}",
-            f"data.train={data}", "data.format=alpaca", f"data.max_length={args.max_length}",
+            f"train.precision={args.precision}", f"data.train={data}", "data.format=alpaca",
+            f"data.max_length={args.max_length}",
             "data.validation_size=0", "data.unique_by=null", "data.group_by_length=false",
             f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch}", f"train.lr={args.lr}", "train.schedule=constant",
@@ -171,6 +172,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on cuda")
+    p.add_argument("--precision", default="pure", choices=["pure", "mixed"],
+                   help="tunelab's train.precision (pure: bf16 weights and AdamW, as the plain loop and TRL here)")
     p.add_argument("--data", help="Alpaca JSONL (instruction, input, output); default: a synthetic set")
     p.add_argument("--examples", type=int, default=2000, help="synthetic examples")
     p.add_argument("--mean-tokens", type=int, default=370, help="synthetic examples' mean length")

@@ -118,6 +118,8 @@ def run_config(run: Path):
 
 def free_out_dir(path: str, force: bool) -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise TunelabError("exists and is not a directory", str(out))
     if out.exists() and any(out.iterdir()) and not force:
         raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
     return out

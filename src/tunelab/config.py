@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,10 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    # auto: mixed where model.dtype is bfloat16 and the model's own weights train (full, head, freeze), else
+    # pure | pure: weights, gradients and AdamW in model.dtype | mixed: float32 weights and optimizer, the
+    # forward pass autocast to model.dtype (updates too small for bfloat16 are not lost)
+    precision: str = field(default="auto", metadata=_choices("auto", "pure", "mixed"))
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -503,7 +508,21 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = text
     if isinstance(value, (dict, list)) and _is_text_field(_field_type(key)):
         value = text  # a template such as eval.display={name} is text, not a YAML mapping
+    elif (value is None or isinstance(value, str)) and _is_text_field(_field_type(key)) and _drops_comment(text):
+        value = text  # data.prompt=Item #1: {name}: the '#' is the template's, not a YAML comment
     return key, value
+
+
+def _drops_comment(text: str) -> bool:
+    """Whether YAML would read part of ``text`` as a comment (and so drop it)."""
+    m = re.search(r"(^|\s)#", text)
+    if m is None:
+        return False
+    try:
+        before = text[: m.start()]
+        return yaml.safe_load(before) == yaml.safe_load(text) if before.strip() else yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        return False
 
 
 def _set_dotted(raw: dict, key: str, value: Any, loc: _Located) -> None:
@@ -563,7 +582,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise TunelabError("recipe not found", str(path))
         if p.is_dir():
             raise TunelabError("a directory, not a recipe file (nor a run directory with config.yaml)", str(path))
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise TunelabError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -673,6 +695,8 @@ def _check(cfg: Config, loc: _Located) -> None:
         if cfg.classify.labels is not None:
             need(len(cfg.classify.labels) >= 2, "classify.labels", "needs at least two classes")
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
+    need(t.precision != "mixed" or cfg.model.dtype in ("bfloat16", "auto"), "train.precision",
+         f"mixed autocasts to bfloat16: set model.dtype=bfloat16 (it is {cfg.model.dtype})")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
     need(cfg.model.bos_token is None or cfg.task != "chat", "model.bos_token",

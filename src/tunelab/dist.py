@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,14 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order (one process: [obj])."""
+        if not self.on:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0

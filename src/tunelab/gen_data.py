@@ -44,25 +44,26 @@ def verify(fn: Callable, spec: str, item: PromptItem, output: str) -> float:
 
 def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptItem]:
     """The prompts of a recipe's split, rendered exactly as training renders them."""
-    from .data.formats import split_records, to_pairs
+    from .data import chat
+    from .data.formats import generation_pairs, split_records
 
+    if cfg.task == "generation":  # plain, instruction-tuning (a mixture's examples) and SNI recipes alike
+        pairs = generation_pairs(cfg)[0][split]
+        return [PromptItem(p.record, p.prompt, p.where) for p in pairs[:limit]]
+    if cfg.task != "chat":
+        raise TunelabError("generate needs a generation or chat recipe", "task")
     records = split_records(cfg.data, cfg.train.seed)[split]
     if limit is not None:
         records = records[:limit]
-    if cfg.task == "chat":
-        from .data import chat
 
-        tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
-        items = []
-        for r in records:
-            msgs = chat.conversation(r.fields, cfg.chat, r.where)
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-            text = chat.render(tmpl, msgs[:last], True, tok, r.where)
-            items.append(PromptItem(r.fields, tok(text, add_special_tokens=False)["input_ids"], r.where))
-        return items
-    if cfg.task != "generation":
-        raise TunelabError("generate needs a generation or chat recipe", "task")
-    return [PromptItem(p.record, p.prompt, p.where) for p in to_pairs(records, cfg.data)]
+    tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
+    items = []
+    for r in records:
+        msgs = chat.conversation(r.fields, cfg.chat, r.where)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        text = chat.render(tmpl, msgs[:last], True, tok, r.where)
+        items.append(PromptItem(r.fields, tok(text, add_special_tokens=False)["input_ids"], r.where))
+    return items
 
 
 def prompts_from_file(path: str, field: str) -> list[PromptItem]:

@@ -42,7 +42,9 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     order = sorted(range(len(prompts)), key=lambda i: len(rows[i]))
     out: list[list[str]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = [s for s in dict.fromkeys([tokenizer.eos_token_id, *(stop_ids or [])]) if s is not None]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # a model may end on several
+    own = own if isinstance(own, list) else [own]
+    stops = [s for s in dict.fromkeys([tokenizer.eos_token_id, *own, *(stop_ids or [])]) if isinstance(s, int)]
     if seed is not None:
         torch.manual_seed(seed)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)

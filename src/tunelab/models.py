@@ -8,6 +8,7 @@ directory (safetensors) under the cache directory (``$TUNELAB_CACHE``, default
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
@@ -111,8 +112,8 @@ def _alias_dir(name: str) -> Path:
 
 def resolve_model_path(name: str) -> str:
     """An alias becomes its cached directory; a local path must exist; anything else is a hub id."""
-    if name in ALIASES:
-        return str(_alias_dir(name))
+    if name.lower() in ALIASES:
+        return str(_alias_dir(name.lower()))
     p = Path(os.path.expanduser(name))
     if p.exists():
         if not (p / "config.json").exists():
@@ -120,11 +121,13 @@ def resolve_model_path(name: str) -> str:
         return str(p.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".json", ".safetensors")):
         raise TunelabError(f"model directory {name} does not exist", "model.name")
-    if "/" not in name:
-        known = ", ".join(sorted(ALIASES))
+    low = name.lower()
+    if "/" not in name and (difflib.get_close_matches(low, list(ALIASES), n=1, cutoff=0.6)
+                            or any(low[:6] == a[:6] for a in ALIASES)):
+        known = ", ".join(sorted(ALIASES))  # a misspelt alias, not one of the hub's ids without an owner (gpt2)
         raise TunelabError(f"unknown model alias {name!r} (built-in: {known}; or give a hub id or a directory)",
                            "model.name")
-    return name  # a hub id such as HuggingFaceTB/SmolLM2-135M
+    return name  # a hub id such as HuggingFaceTB/SmolLM2-135M (or gpt2)
 
 
 def _hub_error(name: str, err: Exception) -> TunelabError:
@@ -242,7 +245,8 @@ def load_trained(run_dir: Path, cfg: ModelConfig):
         model = PeftModel.from_pretrained(model, run_dir / "adapter")
         return model, tok
     if (run_dir / "model").is_dir():
-        local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model")})
+        # the trained weights, whatever the run started from (model.init=random drew them only to begin with)
+        local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model"), "init": "pretrained"})
         return load_model(local)
     raise TunelabError("no adapter/ or model/ in the run directory (did training finish?)", str(run_dir))
 
@@ -261,7 +265,7 @@ def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
                            str(run_dir))
     meta = read_head_meta(out)
     if name == "model":
-        lm, tok = load_model(ModelConfig(**{**cfg.__dict__, "name": str(out)}))
+        lm, tok = load_model(ModelConfig(**{**cfg.__dict__, "name": str(out), "init": "pretrained"}))
     else:
         lm, tok = load_model(cfg)
         if name == "adapter":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 from .errors import TunelabError, one_line
@@ -13,6 +15,8 @@ def load_function(spec: str, where: str) -> Callable:
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise TunelabError(f"expected module:function, got {spec!r}", where)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:

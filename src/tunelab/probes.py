@@ -151,33 +151,28 @@ def score_control(model, tok, cfg: Config, items: list[ControlItem], progress: b
     outputs: list[str] = [""] * len(items)
     text = [i for i, it in enumerate(items) if isinstance(it.prompt, str)]
     convo = [i for i, it in enumerate(items) if not isinstance(it.prompt, str)]
-    mnt = max(it.max_new_tokens for it in items)
-    if text:
-        for i, (out,) in zip(text, generate(model, tok, [items[i].prompt for i in text], max_new_tokens=mnt,
-                                            batch_size=cfg.eval.batch_size, progress=progress)):
-            outputs[i] = out
-    if convo:
-        tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
-        prompts = [tok(chat.render(tmpl, items[i].prompt, True, tok, items[i].where),
-                       add_special_tokens=False)["input_ids"] for i in convo]
-        for i, (out,) in zip(convo, generate(model, tok, prompts, max_new_tokens=mnt, batch_size=cfg.eval.batch_size,
-                                             progress=progress, stop_ids=[chat.stop_id(tmpl, tok)])):
-            outputs[i] = out
+    for mnt in sorted({it.max_new_tokens for it in items}):  # each item generates its own budget, no more
+        mine = [i for i in text if items[i].max_new_tokens == mnt]
+        if mine:
+            for i, (out,) in zip(mine, generate(model, tok, [items[i].prompt for i in mine], max_new_tokens=mnt,
+                                                batch_size=cfg.eval.batch_size, progress=progress)):
+                outputs[i] = out
+        mine = [i for i in convo if items[i].max_new_tokens == mnt]
+        if mine:
+            tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
+            prompts = [tok(chat.render(tmpl, items[i].prompt, True, tok, items[i].where),
+                           add_special_tokens=False)["input_ids"] for i in mine]
+            for i, (out,) in zip(mine, generate(model, tok, prompts, max_new_tokens=mnt, batch_size=cfg.eval.batch_size,
+                                                progress=progress, stop_ids=[chat.stop_id(tmpl, tok)])):
+                outputs[i] = out
     rows, kinds = [], {}
     for it, out in zip(items, outputs):
-        out = _first_tokens(tok, out, it.max_new_tokens)
         score = best_of(MATCHERS[it.match], out, it.expected)
         shown = it.prompt if isinstance(it.prompt, str) else it.prompt[-1]["content"]
         rows.append({"kind": it.kind, "input": shown, "expected": it.expected, "output": out, "score": score})
         kinds.setdefault(it.kind, []).append(score)
     return {"score": sum(r["score"] for r in rows) / len(rows), "n": len(rows),
             "by_kind": {k: sum(v) / len(v) for k, v in kinds.items()}, "samples": rows}
-
-
-def _first_tokens(tok, text: str, n: int) -> str:
-    """An item's own token budget when a batch generated more for others."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= n else tok.decode(ids[:n], skip_special_tokens=True)
 
 
 def control_table(before: dict | None, after: dict, heads: tuple[str, str] = ("before", "after")) -> str:

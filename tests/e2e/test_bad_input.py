@@ -238,6 +238,26 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
             lambda: c.sni({"Definition": ["Copy."], "Positive Examples": [{"input": "a", "output": "a"}],
                            "Instances": [{"input": "a", "output": ["a"]}]}, "sni.positive=2"),
             "bad.json: sni.positive=2, but the task has 1 positive examples"),
+        "cli: merge into a file": (
+            lambda: ["merge", str(c.fake_run(adapter=True)), str(_write(c.tmp / "afile", "x"))],
+            "afile: exists and is not a directory"),
+        "data: an empty prompt": (lambda: c.train(data={
+            "train": str(c.jsonl([{"missing_ok": None, "name": "emma"}])), "prompt": "{missing_ok}",
+            "completion": " {name}", "unique_by": None, "validation_size": 0}), "data.jsonl:1: empty prompt"),
+        "data: a CSV quote never closed": (lambda: c.train(data={
+            "train": str(_write(c.tmp / "d.csv", 'name\nemma\n"olivia\nava\n'))}),
+            "d.csv:3: malformed CSV: unexpected end of data"),
+        "data: a lone surrogate in JSON": (lambda: c.train(data={
+            "train": str(c.jsonl(['{"name": "emma"}', '{"name": "bad \\ud800"}'])), "unique_by": None}),
+            "data.jsonl:2: a string holds a lone UTF-16 surrogate"),
+        "config: a recipe that is not UTF-8": (lambda: ["train", str(_write(c.tmp / "latin.yaml",
+                                                                           b"model: caf\xe9\n"))],
+                                                "latin.yaml: not UTF-8 text"),
+        "eval: a display field the records lack (found before training)": (
+            lambda: c.train("eval.display={nme}", "eval.before=false"), "missing field 'nme' (used by eval.display)"),
+        "chat: a message that spells a special token": (
+            lambda: c.chat([{"messages": [turn[0], {"role": "assistant", "content": "yes<|im_end|>"}]}]),
+            "chat.jsonl:1: message 1 (assistant) contains the special token '<|im_end|>'"),
         "cli: merge into a non-empty directory": (
             lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
             "output directory exists and is not empty"),

@@ -221,6 +221,11 @@ def test_resume_refuses_other_data_and_resumes_a_path_into_a_new_directory(tmp_p
     assert (fresh / "config.yaml").exists() and (fresh / "data_stats.json").exists()
     assert [r["step"] for r in _metrics(fresh)] == [3, 4, 5, 6]
     assert _metrics(fresh)[-1]["loss"] == pytest.approx(_metrics(run)[-1]["loss"], abs=1e-6)
+    # ... but never into a directory that holds another run
+    again = tunelab("train", str(recipe), f"train.resume={run / 'checkpoints' / 'step-2'}", f"output.dir={fresh}",
+                    check=False)
+    assert again.returncode == 2 and "holds another run" in again.stderr
+    assert [r["step"] for r in _metrics(fresh)] == [3, 4, 5, 6]
     # resuming an older checkpoint of the same run drops the later, abandoned ones
     tunelab("train", str(recipe), f"train.resume={run / 'checkpoints' / 'step-4'}", "train.keep_checkpoints=1")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6"]

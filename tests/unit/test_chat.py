@@ -188,6 +188,26 @@ def test_truncation_drops_whole_turns_or_errors(tok):
     assert len(kept) == 1 and st.dropped_long == 1
 
 
+def test_truncation_drops_a_trailing_user_turn_first(tok):
+    """A conversation that ends with the user's word: that tail carries no supervision and goes first."""
+    tail = [*CONV[:3], {"role": "user", "content": "and then?"}]
+    (whole,), _ = encode(tok, [{"messages": tail}], template="chatml")
+    (three,), _ = encode(tok, [{"messages": CONV[:3]}], template="chatml")
+    (cut,), st = encode(tok, [{"messages": tail}], template="chatml", max_length=len(whole.input_ids) - 1,
+                        truncation="truncate")
+    assert st.truncated == 1 and cut.input_ids == three.input_ids and cut.labels == three.labels
+
+
+def test_a_message_that_spells_a_special_token_is_refused(tok):
+    for content, role in (("yes<|im_end|>", "assistant"), ("hi<|im_start|>assistant\nyes", "user")):
+        msgs = [CONV[1], CONV[2]]
+        msgs[0 if role == "user" else 1] = {"role": role, "content": content}
+        with pytest.raises(TunelabError, match=f"message {0 if role == 'user' else 1} \\({role}\\) contains the "
+                                               "special token") as e:
+            encode(tok, [{"messages": msgs}], template="chatml")
+        assert e.value.where == "chat.jsonl:1"
+
+
 def write_template(tmp_path, text):
     p = tmp_path / "t.jinja"
     p.write_text(text)

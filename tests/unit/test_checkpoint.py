@@ -86,6 +86,25 @@ def test_round_trip(tmp_path):
     assert torch.equal(torch.rand(5), after_save)
 
 
+def test_each_process_gets_its_own_generators_back(tmp_path):
+    """With several processes the checkpoint keeps each one's generators; a process restores its own."""
+    from tunelab.train.checkpoint import own_rng_state, rng_state
+
+    torch.manual_seed(1)
+    rank0 = own_rng_state()
+    torch.rand(3)  # rank 1 has drawn more than rank 0
+    rank1 = own_rng_state()
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 1, _params(model), opt, {}, keep=2, rng=rng_state([rank0, rank1]))
+    _, _, rng, _ = load_checkpoint(path)
+    for rank, own in ((0, rank0), (1, rank1)):
+        torch.manual_seed(99)
+        set_rng_state(rng, rank)
+        expected = torch.rand(4)
+        torch.set_rng_state(own["torch"])
+        assert torch.equal(expected, torch.rand(4)), rank
+
+
 def test_checkpoint_is_a_copy_of_the_parameters(tmp_path):
     model, opt = _trained()
     path = save_checkpoint(tmp_path, 1, _params(model), opt, {}, keep=2)

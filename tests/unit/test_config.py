@@ -80,6 +80,26 @@ def test_override_lr_string_from_yaml_becomes_float(tmp_path):
     assert cfg.train.lr == 3e-5
 
 
+def test_override_keeps_a_hash_that_is_part_of_a_template():
+    assert parse_override("data.prompt=Item #1: {name}") == ("data.prompt", "Item #1: {name}")
+    assert parse_override("data.prompt=#{name}") == ("data.prompt", "#{name}")
+    assert parse_override('data.prompt="quoted #1"') == ("data.prompt", "quoted #1")
+    assert parse_override("output.dir=runs/a#b") == ("output.dir", "runs/a#b")
+    assert parse_override("train.max_steps=5 # a comment") == ("train.max_steps", 5)  # not a text field
+
+
+def test_a_plugin_module_in_the_working_directory_imports_from_the_installed_command(tmp_path, monkeypatch):
+    """The `tunelab` console script does not put the working directory on sys.path (python -m does)."""
+    import sys
+
+    from tunelab.plugins import load_function
+
+    (tmp_path / "my_plugin_for_the_test.py").write_text("def check(record, output):\n    return output == 'ok'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_function("my_plugin_for_the_test:check", "--verifier")({}, "ok") is True
+
+
 def test_override_in_recipe_lr_scientific_string(tmp_path):
     cfg = load_config(_recipe(tmp_path, MINIMAL + "train: {lr: 2e-3}\n"))
     assert cfg.train.lr == 2e-3 and isinstance(cfg.train.lr, float)

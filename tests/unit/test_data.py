@@ -224,6 +224,46 @@ def test_read_missing_file_and_directory(tmp_path):
         read_source(_src(tmp_path))
 
 
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    bom = "\ufeff"
+    for name, text, first in [("d.txt", "emma\nolivia\n", {"text": "emma"}),
+                              ("d.csv", "name\nemma\n", {"name": "emma"}),
+                              ("d.jsonl", '{"name": "emma"}\n', {"name": "emma"}),
+                              ("d.json", '[{"name": "emma"}]', {"name": "emma"})]:
+        p = tmp_path / name
+        p.write_text(bom + text, encoding="utf-8")
+        assert read_source(_src(p))[0].fields == first, name
+
+
+def test_csv_quote_left_open_duplicate_header_and_long_fields(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('name\nemma\n"olivia\nava\n')
+    with pytest.raises(TunelabError, match="malformed CSV: unexpected end of data \\(a quote opened in this record"):
+        read_source(_src(p))
+    p.write_text("name,name\nemma,ava\n")
+    with pytest.raises(TunelabError, match="the header names 'name' more than once") as e:
+        read_source(_src(p))
+    assert e.value.where == f"{p}:1"
+    p.write_text("text\n" + "a" * 200_000 + "\n")  # over the csv module's default field limit
+    assert len(read_source(_src(p))[0].fields["text"]) == 200_000
+
+
+def test_lone_surrogate_in_json_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"q": "ok \\ud83d\\ude00"}\n{"q": "bad \\ud800"}\n')
+    with pytest.raises(TunelabError, match="lone UTF-16 surrogate") as e:
+        read_source(_src(p))
+    assert e.value.where == f"{p}:2"
+
+
+def test_render_refuses_lists_and_objects_and_spells_booleans_as_json():
+    assert render("{a}|{b}|{c}|{d}", {"a": True, "b": False, "c": 3, "d": None}, "w") == "true|false|3|"
+    for value, kind in (([1], "a list"), ({"x": 1}, "a JSON object")):
+        with pytest.raises(TunelabError, match=f"field 'a' is {kind}, not text \\(used by data.prompt\\)") as e:
+            render("{a}", {"a": value}, "f.jsonl:4", "data.prompt")
+        assert e.value.where == "f.jsonl:4"
+
+
 def test_read_non_utf8(tmp_path):
     p = tmp_path / "d.txt"
     p.write_bytes(b"ok\n\xff\xfe bad\n")
@@ -444,8 +484,8 @@ def test_split_by_fraction_and_test(twenty):
     cfg = DataConfig(train=SourceConfig(path=str(twenty)), validation_size=0.25, test_size=0.1)
     s = split_records(cfg, seed=0)
     assert len(s["test"]) == 2  # round(0.1 * 20)
-    assert len(s["validation"]) == 4  # round(0.25 * 18): taken from what the test split left
-    assert len(s["train"]) == 14
+    assert len(s["validation"]) == 5  # round(0.25 * 20): a fraction of all the records, not of what is left
+    assert len(s["train"]) == 13
     everything = _qs(s["train"]) + _qs(s["validation"]) + _qs(s["test"])
     assert sorted(everything) == sorted(f"q{i}" for i in range(20))
 

@@ -97,6 +97,32 @@ def test_every_builtin_template_renders_a_correct_target():
             assert "olivia" in p.prompt and p.completion.strip() == expected[name], (name, t.name)
 
 
+def test_a_task_with_its_own_source_takes_neither_unique_by_nor_train_size(tmp_path, names_file):
+    """data.unique_by (name) and data.train_size are about data.train: a task's own file (with no name field)
+    is read whole and split by data.validation_size."""
+    nli = tmp_path / "nli.jsonl"
+    nli.write_text("".join(json.dumps({"premise": f"p{i}", "label": "yes"}) + "\n" for i in range(40)))
+    cfg = load_config(recipe(tmp_path, names_file, {"tasks": [
+        {"builtin": "reverse"},
+        {"name": "nli", "source": {"path": str(nli)}, "options": ["yes", "no"], "answer": "{label}",
+         "templates": [{"prompt": "{premise}?\n{options}", "completion": " {answer}"}]}]},
+        data={"train_size": 10}))
+    pairs, extra = generation_pairs(cfg)
+    assert extra["mixture"]["tasks"]["nli"]["records"] == 40 - 30  # 30 held out by data.validation_size
+    assert len({p.record["name"] for p in pairs["train"] if p.group.startswith("reverse/")}) == 10
+
+
+def test_generate_takes_an_instruction_recipes_prompts(tmp_path, names_file):
+    """tunelab generate --recipe on a mixture: the prompts training renders, each with its record."""
+    from tunelab.gen_data import prompts_from_recipe
+
+    cfg = load_config(recipe(tmp_path, names_file, {"tasks": [{"builtin": "reverse"}, {"builtin": "length"}]}))
+    pairs, _ = generation_pairs(cfg)
+    items = prompts_from_recipe(cfg, None, "validation", 7)
+    assert [(i.prompt, i.record, i.where) for i in items] == [(p.prompt, p.record, p.where)
+                                                              for p in pairs["validation"][:7]]
+
+
 # ---- held-out templates and tasks
 
 
@@ -422,3 +448,20 @@ def test_a_generation_cut_off_by_the_token_budget_is_not_kept():
     assert cut_off(" Add them.\nInput: 1 2\nOutput: the sum is", tok, 8)  # 8 words: ran out of tokens
     assert not cut_off(" Add them.\nInput: 1 2\nOutput: 3\n\nTask 4\nInstruction: more words here", tok, 8)
     assert not cut_off(" Add them.\nInput: 1\nOutput: 3", tok, 20)  # stopped by itself
+
+
+def test_each_control_item_generates_its_own_token_budget(tmp_path, tiny_model):
+    """Items of different budgets are not generated at the largest one and cut back (re-tokenizing a
+    decoded text can merge tokens and keep too much): each equals its own generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.generate import generate
+    from tunelab.probes import ControlItem, score_control
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    cfg = load_config(recipe(tmp_path, tiny_model, {"tasks": [{"builtin": "reverse"}]}))
+    prompts = ["Reverse the name: emma. Answer:", "Reverse the name: olivia. Answer:", "What is the answer?"]
+    items = [ControlItem(p, ["x"], "contains", "k", n, f"c.jsonl:{i}") for i, (p, n) in
+             enumerate(zip(prompts, (1, 3, 7)))]
+    got = [r["output"] for r in score_control(model, tok, cfg, items)["samples"]]
+    assert got == [generate(model, tok, [it.prompt], max_new_tokens=it.max_new_tokens)[0][0] for it in items]

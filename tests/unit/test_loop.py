@@ -6,7 +6,7 @@ import itertools
 
 from tunelab.config import load_config
 from tunelab.data.formats import Example
-from tunelab.train.loop import Position, micro_batches, total_steps
+from tunelab.train.loop import Position, grouped_steps, micro_batches, total_steps
 
 
 def _cfg(tmp_path, *overrides):
@@ -36,8 +36,24 @@ def test_stream_resumes_at_any_position_without_replaying(tmp_path):
 def test_total_steps(tmp_path):
     assert total_steps(_cfg(tmp_path, "train.batch_size=4"), 22) == 6
     assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=4"), 22) == 2
-    assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.epochs=3", "train.grad_accum=4"), 22) == 5
+    # 6 micro-batches an epoch in steps of 4 + 2 (a step never takes micro-batches of two epochs)
+    assert total_steps(_cfg(tmp_path, "train.batch_size=4", "train.epochs=3", "train.grad_accum=4"), 22) == 6
     assert total_steps(_cfg(tmp_path, "train.max_steps=17", "train.epochs=3"), 22) == 17
+
+
+def test_a_step_never_takes_micro_batches_of_two_epochs(tmp_path):
+    """20 examples in batches of 8 (3 micro-batches an epoch, the last of 4) with grad_accum=2: steps of 2 + 1
+    micro-batches, each example once an epoch, as many steps as total_steps counts."""
+    cfg = _cfg(tmp_path, "train.batch_size=8", "train.grad_accum=2", "train.epochs=2")
+    exs = _examples(20)
+    steps = list(itertools.islice(grouped_steps(micro_batches(exs, cfg, Position()), 2), total_steps(cfg, 20)))
+    assert [len(s) for s in steps] == [2, 1, 2, 1]
+    for epoch in (steps[:2], steps[2:]):
+        assert sorted(i for step in epoch for _, b in step for i in b) == list(range(20))
+    assert [s[-1][0] for s in steps] == [Position(0, 2), Position(1, 0), Position(1, 2), Position(2, 0)]
+    # resumed after step 1 (at Position(0, 2)), the stream groups the same steps
+    rest = list(itertools.islice(grouped_steps(micro_batches(exs, cfg, Position(0, 2)), 2), 3))
+    assert [[b for _, b in s] for s in rest] == [[b for _, b in s] for s in steps[1:]]
 
 
 def test_weighted_examples_give_a_weighted_mean():

@@ -88,3 +88,15 @@ def test_a_data_record_cannot_change_the_configuration(tmp_path):
     assert pair.prompt == "{train.lr}" and pair.completion == " train.lr=5"  # values are text, never templates
     assert cfg.train.lr == 0.001
     assert json.loads(json.dumps(cfg.to_dict()))["train"]["lr"] == 0.001
+
+
+def test_model_names_hub_ids_with_and_without_an_owner_and_misspelt_aliases(tmp_path):
+    from tunelab.models import resolve_model_path
+
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model_path("gpt2") == "gpt2"  # the hub's ids from before owners: a hub id, not an alias
+    for name in ("smollm2", "smollm9-1t", "SmolLM2-135M-Instruc"):
+        with pytest.raises(TunelabError, match=f"unknown model alias '{name}'"):
+            resolve_model_path(name)
+    with pytest.raises(TunelabError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))

@@ -334,9 +334,27 @@ def tokenize_segments(seg: Segments, tok, train_on: str, stop_id: int | None, wh
     return ids, labels, prompt_len
 
 
+def special_texts(tok) -> list[str]:
+    """The tokenizer's special tokens as text: a message that spells one would become a control token."""
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    return sorted({*tok.all_special_tokens, *(t.content for t in added.values() if t.special)} - {""})
+
+
+def check_no_special_tokens(messages: list[dict], specials: list[str], where: str) -> None:
+    for i, m in enumerate(messages):
+        for t in specials:
+            if t in m["content"]:
+                raise TunelabError(f"message {i} ({m['role']}) contains the special token {t!r}: it would be "
+                                   "read as the template's control token, not as text (remove it from the data)",
+                                   where)
+
+
 def drop_last_exchange(messages: list[dict]) -> list[dict]:
-    """The conversation without its last assistant turn (and the user turn that asked for it)."""
+    """The conversation without its last assistant turn (and the user turn that asked for it); a
+    conversation that ends after its last assistant turn (a user's last word) loses that tail first."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last < len(messages) - 1:
+        return messages[: last + 1]
     cut = last
     while cut > 0 and messages[cut - 1]["role"] == "user":
         cut -= 1

@@ -8,6 +8,7 @@ be at generation time, so training and use see the same tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,6 +217,10 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
         targets = tokenize([p.completion for p in pairs], tok, False, f"tokenize {split} targets")
     out = []
     for pair, p_ids, t_ids in zip(pairs, prompts, targets):
+        if not p_ids:
+            raise TunelabError("empty prompt: the model needs at least one token before the completion "
+                               "(check the prompt template and the record's fields, or set model.bos_token)",
+                               pair.where)
         if not pair.completion.strip() or not t_ids:
             if cfg.empty_target == "drop":
                 stats.dropped_empty += 1
@@ -268,6 +273,8 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
             if cfg.unique_by not in r.fields:
                 raise TunelabError(f"missing field {cfg.unique_by!r} (used by data.unique_by)", r.where)
             v = r.fields[cfg.unique_by]
+            if isinstance(v, (list, dict)):
+                v = json.dumps(v, sort_keys=True)  # a list or object compares by its JSON text
             if v not in seen:
                 seen.add(v)
                 kept.append(r)
@@ -277,8 +284,9 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     if need_split:
         train = list(train)
         random.Random(seed).shuffle(train)
+        total = len(train)  # a fraction is of all the records, whatever is held out first
         for s in need_split:
-            k = _size(getattr(cfg, f"{s}_size"), len(train))
+            k = _size(getattr(cfg, f"{s}_size"), total)
             if k >= len(train):
                 raise TunelabError(f"holding out {k} leaves no training records (there are {len(train)})",
                                    f"data.{s}_size")
@@ -369,10 +377,12 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig,
     tmpl = chat.resolve_template(ccfg.template, tok, ccfg.stop)
     stop_id = chat.stop_id(tmpl, tok)
     stats = EncodeStats(total=len(records))
+    specials = chat.special_texts(tok)
     out = []
     for r in records:
         msgs = chat.conversation(r.fields, ccfg, r.where)
         chat.check_roles(msgs, r.where)
+        chat.check_no_special_tokens(msgs, specials, r.where)
         empty = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()]
         if empty:
             if cfg.empty_target == "drop":
@@ -433,9 +443,11 @@ def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]
         def records_of(tc) -> dict[str, list[Record]]:
             if tc.source is None:  # data.train, split as the recipe says (with data.validation/test if given)
                 key, data = "data", cfg.data
-            else:  # a task's own source is split by data.validation_size / test_size
+            else:  # a task's own source is split by data.validation_size / test_size (data.unique_by and
+                # data.train_size are about data.train's records; they say nothing of this file's fields)
                 key = repr(tc.source)
-                data = dataclasses.replace(cfg.data, train=tc.source, validation=None, test=None)
+                data = dataclasses.replace(cfg.data, train=tc.source, validation=None, test=None,
+                                           unique_by=None, train_size=None)
             if key not in cache:
                 cache[key] = split_records(data, cfg.train.seed)
             return cache[key]
@@ -477,6 +489,10 @@ def build_dataset(cfg: Config, tok) -> tuple[dict[str, list[Example]], dict[str,
         stats["synthetic"] = {"field": cfg.data.synthetic.field, "order": cfg.data.synthetic.order,
                               "asked": cfg.data.synthetic.count,
                               "records": sum(e.where.startswith(SYNTHETIC) for e in splits["train"])}
+    if cfg.eval.display:  # the evaluation table's input column: a missing field is found now, not after training
+        for e in (*splits["validation"], *splits["test"]):
+            if e.record is not None:
+                render(cfg.eval.display, e.record, e.where, "eval.display")
     if labels is not None:
         seen = {e.label for e in splits["train"]}
         if len(seen) < 2:

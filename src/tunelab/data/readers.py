@@ -21,6 +21,8 @@ class Record:
     where: str  # "file:line" (or "dataset[index]")
 
 
+csv.field_size_limit(2**31 - 1)  # a long text field (a document, a conversation) is data, not an error
+
 _EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
         ".txt": "text", ".text": "text"}
 
@@ -55,7 +57,7 @@ def read_source(src: SourceConfig) -> list[Record]:
 
 def _read_text(path: str, src: SourceConfig) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
@@ -65,7 +67,7 @@ def _read_text(path: str, src: SourceConfig) -> list[Record]:
 
 def _read_jsonl(path: str, src: SourceConfig) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -75,12 +77,23 @@ def _read_jsonl(path: str, src: SourceConfig) -> list[Record]:
                 raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{i}") from None
             if not isinstance(obj, dict):
                 raise TunelabError(f"expected a JSON object, got {type(obj).__name__}", f"{path}:{i}")
+            if "\\ud" in line.lower():
+                _check_surrogates(obj, f"{path}:{i}")
             out.append(Record(obj, f"{path}:{i}"))
     return out
 
 
+def _check_surrogates(obj: dict, where: str) -> None:
+    """JSON can spell half of a UTF-16 pair (\\ud800) on its own: not text any tokenizer can read."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise TunelabError("a string holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+                           "pair): not valid text", where) from None
+
+
 def _read_json(path: str, src: SourceConfig) -> list[Record]:
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -93,24 +106,37 @@ def _read_json(path: str, src: SourceConfig) -> list[Record]:
     if not isinstance(obj, list):
         raise TunelabError("expected a JSON list of objects", path)
     out = []
+    escapes = "\\ud" in text.lower()
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise TunelabError(f"item {i} is not a JSON object", path)
+        if escapes:
+            _check_surrogates(item, f"{path}[{i}]")
         out.append(Record(item, f"{path}[{i}]"))
     return out
 
 
 def _read_csv(path: str, src: SourceConfig) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise TunelabError("CSV file has no header row", path)
-        for row in reader:
-            line = reader.line_num
-            if None in row:
-                raise TunelabError("more values than header columns", f"{path}:{line}")
-            out.append(Record(dict(row), f"{path}:{line}"))
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, strict=True)  # strict: a quote left open is an error, not one huge field
+        line = 0
+        try:
+            if not reader.fieldnames:
+                raise TunelabError("CSV file has no header row", path)
+            dupes = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+            if dupes:
+                raise TunelabError(f"the header names {', '.join(map(repr, dupes))} more than once", f"{path}:1")
+            line = reader.line_num  # the header's
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise TunelabError("more values than header columns", f"{path}:{line}")
+                out.append(Record(dict(row), f"{path}:{line}"))
+        except csv.Error as e:
+            # the record after the last one read: where a quote left open begins
+            hint = " (a quote opened in this record is never closed)" if "end of data" in str(e) else ""
+            raise TunelabError(f"malformed CSV: {one_line(e)}{hint}", f"{path}:{line + 1}") from None
     return out
 
 

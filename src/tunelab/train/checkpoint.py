@@ -47,24 +47,43 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, torch.Tensor]:
+def own_rng_state() -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU's and its current CUDA device's (the one its dropout draws from)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rng_state(ranks: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the random generators: this process's CPU and CUDA devices, and with
+    several processes each one's own (``rank{r}.torch``, ``rank{r}.cuda``), gathered by the caller."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"cuda{i}"] = s
+    for r, own in enumerate(ranks or []):
+        state.update({f"rank{r}.{k}": v.cpu() for k, v in own.items()})
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """Put the generators back as they were; a process of several takes its own (``rank{r}.*``) when saved."""
+    if f"rank{rank}.torch" in state:
+        torch.set_rng_state(state[f"rank{rank}.torch"])
+        if f"rank{rank}.cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state[f"rank{rank}.cuda"])  # the current device: this process's
+        return
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available():
-        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+        cuda = sorted((int(k[4:]), v) for k, v in state.items() if k[4:].isdigit() and k.startswith("cuda"))
+        if cuda and len(cuda) <= torch.cuda.device_count():  # numerically: cuda10 after cuda9
+            torch.cuda.set_rng_state_all([v for _, v in cuda])
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer | dict, state: dict[str, Any], keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer | dict, state: dict[str, Any], keep: int,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``step-N`` atomically; a write error (a full disk, say) leaves every earlier checkpoint as it was.
     ``optimizer``: the optimizer, or its state_dict already gathered (FSDP)."""
     bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -85,7 +104,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, params: dict[str, torch.Tensor],
             ("trainable.safetensors", lambda p: save_file(
                 {k: v.detach().cpu().contiguous().clone() for k, v in params.items()}, str(p))),
             ("optimizer.pt", lambda p: torch.save(opt_state, p)),
-            ("rng.safetensors", lambda p: save_file({k: v.contiguous() for k, v in rng_state().items()}, str(p))),
+            ("rng.safetensors", lambda p: save_file({k: v.contiguous() for k, v in (rng or rng_state()).items()},
+                                                    str(p))),
             ("state.json", lambda p: p.write_text(json.dumps(state, indent=1))),
         ]
         for i, (name, write) in enumerate(writers, 1):

@@ -39,7 +39,7 @@ from ..evaluate import (
     task_table,
     validation_loss,
 )
-from ..models import load_model, load_tokenizer, resolve_model_path
+from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 from ..tracking import Trackers
 from . import checkpoint as ckpt
 from .forward import causal_lm_loss_sum, compile_layers, eager, packed_loss_sum
@@ -122,11 +122,27 @@ def micro_batches(examples: list[Example], cfg: Config, start: Position) -> Iter
         epoch, b = epoch + 1, 0
 
 
+def grouped_steps(stream: Iterator[tuple[Position, list[int]]],
+                  grad_accum: int) -> Iterator[list[tuple[Position, list[int]]]]:
+    """The micro-batches of each optimizer step: ``grad_accum`` of them, fewer where an epoch ends (a step
+    never mixes two epochs, so each example is trained on once an epoch)."""
+    while True:
+        step = []
+        for _ in range(grad_accum):
+            pos, idx = next(stream)
+            step.append((pos, idx))
+            if pos.batch == 0:  # that was the epoch's last micro-batch
+                break
+        yield step
+
+
 def total_steps(cfg: Config, n_examples: int) -> int:
+    """Optimizer steps of the run: max_steps, else epochs x the steps of an epoch (a step never takes
+    micro-batches of two epochs: the last one of an epoch accumulates what is left)."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     n_batches = math.ceil(n_examples / cfg.train.batch_size)
-    return math.ceil(cfg.train.epochs * n_batches / cfg.train.grad_accum)
+    return cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum)
 
 
 def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
@@ -137,6 +153,10 @@ def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
         path = Path(mode)
         if not ckpt.verify(path):
             raise TunelabError("not a complete checkpoint (manifest missing or checksums differ)", str(path))
+        own = run.resolve() in path.resolve().parents
+        if not own and run.exists() and (not run.is_dir() or any(run.iterdir())) and not cfg.output.overwrite:
+            raise TunelabError(f"holds another run: resuming {path} there would overwrite it (choose a new "
+                               "output.dir, or output.overwrite=true)", str(run))
         return run, path
     if run.exists() and not run.is_dir():
         raise TunelabError("output.dir is a file, not a directory", str(run))
@@ -206,10 +226,21 @@ def supervised_weight(batch: dict[str, torch.Tensor]) -> float:
 
 
 def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
-                 labels: list[str] | None = None) -> dict:
+                 labels: list[str] | None = None, amp=contextlib.nullcontext) -> dict:
     """Validation loss and, on the held-out split, exact match (generation) or accuracy (classification)."""
-    with eager():
+    with eager(), amp():
         return _evaluate_run(model, tok, cfg, examples, val, quiet, labels)
+
+
+def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward pass is autocast to when the weights are kept in float32 (train.precision), or
+    None (pure: everything in model.dtype)."""
+    compute = resolve_dtype(cfg.model.dtype, device)
+    if cfg.train.precision == "mixed":
+        return torch.bfloat16
+    if cfg.train.precision == "auto" and compute == torch.bfloat16 and cfg.train.mode != "lora":
+        return torch.bfloat16
+    return None
 
 
 def _evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
@@ -387,8 +418,13 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     val_ex = splits["validation"]
     check_probes(cfg, eval_ex)
     tracker_names = tracking.check(cfg.output.report_to)
-    lm, tok = load_model(cfg.model, model_path, tok)
+    amp_dtype = mixed_precision(cfg, resolve_device(cfg.model.device))
+    weights_cfg = dataclasses.replace(cfg.model, dtype="float32") if amp_dtype else cfg.model
+    lm, tok = load_model(weights_cfg, model_path, tok)
     device = next(lm.parameters()).device
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    if amp_dtype:
+        say(f"mixed precision: float32 weights and optimizer, the forward pass in {amp_dtype}", quiet)
     say(f"data: {len(train_ex)} train, {len(val_ex)} validation, {len(splits['test'])} test examples "
         f"({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
@@ -426,7 +462,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     elif cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
-            before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
+            before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels, amp)
 
     loss_fn, count = objective(cfg)
     if kd_loss is not None:
@@ -445,6 +481,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
                             fused=device.type == "cuda")
     steps = total_steps(cfg, len(train_ex))
+    n_batches = math.ceil(len(train_ex) / cfg.train.batch_size)  # micro-batches of an epoch
 
     # ---- run directory (fresh or resumed)
     step, pos, tokens_seen, skipped = 0, Position(), 0, 0
@@ -475,17 +512,33 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             for k, v in saved.items():
                 dist.load_into(named[k], v.to(device))
         opt.load_state_dict(dist.shard_optimizer_state(opt_state, opt) if fsdp else opt_state)
-        ckpt.set_rng_state(rng)
+        ckpt.set_rng_state(rng, d.rank)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped", 0)
+        skipped_in_a_row = state.get("skipped_in_a_row", 0)
         if stopper is not None:
             stopper.load(state.get("early_stopping", {}))
+            if stopper.bad >= stopper.patience and step < steps:  # it had stopped early here: stay stopped
+                stopped_early = step
         pos = Position(state["epoch"], state["batch"])
+        own = run.resolve() in Path(resume_from).resolve().parents
         d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
         if d.main:
+            if not own and run.exists():  # output.overwrite=true over another run: it goes
+                shutil.rmtree(run)
             _truncate_metrics(metrics_path, step)
             for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future
                 if s > step:
                     shutil.rmtree(later, ignore_errors=True)
+            # the best weights so far: this run's own if they come from this branch, else the checkpoint's run's
+            best_src = run / "best" if own else Path(resume_from).resolve().parents[1] / "best"
+            if own and _best_step(best_src) != (stopper.best_step if stopper else None):
+                shutil.rmtree(best_src, ignore_errors=True)  # from an abandoned future (or early stopping is off)
+            elif not own and stopper is not None and _best_step(best_src) == stopper.best_step:
+                shutil.copytree(best_src, run / "best")
+        if stopper is not None and stopper.best_step == step:  # the weights resumed are the best so far
+            best = dist.gather_full(trainable_state(model), d.main)
+            if d.main and _best_step(run / "best") != step:
+                atomic.write_dir(run / "best", lambda p, b=best: _write_best(p, b, step, stopper.best, cfg))
         say(f"resuming from {resume_from} (step {step} of {steps})", quiet)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
@@ -504,7 +557,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
 
     # ---- loop
     model.train()
-    stream = micro_batches(train_ex, cfg, pos)
+    stream = grouped_steps(micro_batches(train_ex, cfg, pos), cfg.train.grad_accum)
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True)
     t_loop = time.time()
@@ -522,7 +575,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             "micro-batch", quiet)
     metrics_file = open(metrics_path, "a") if d.main else contextlib.nullcontext(None)
     with StopRequest() as stop, metrics_file as metrics:
-        while step < steps:
+        while step < steps and stopped_early is None:
             t0 = time.time()
             lr = cfg.train.lr * lr_factor(step, steps, cfg.train.warmup_steps, cfg.train.schedule,
                                           cfg.train.min_lr_ratio)
@@ -530,8 +583,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 g["lr"] = lr
             micro = []
             n_sup, n_tok = 0, 0
-            for _ in range(cfg.train.grad_accum):
-                pos, idx = next(stream)
+            batches = next(stream)
+            pos = batches[-1][0]  # where the stream stands after this step
+            for _, idx in batches:
                 whole = collate([train_ex[i] for i in idx], tok.pad_token_id)  # the global micro-batch
                 n_sup += count(whole)  # the step's loss is normalised over every process's rows
                 n_tok += int(whole["attention_mask"].sum())
@@ -544,19 +598,20 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 b["index"] = torch.tensor(mine)  # dataset indices (a distillation cache needs them)
                 micro.append(b)
             nothing = n_sup == 0  # every example of the step has weight 0: nothing to learn from it
-            n_sup = n_sup or 1
+            denom = n_sup or 1
             loss_total = 0.0
             for k, b in enumerate(micro):
                 b = {key: v.to(device) for key, v in b.items()}
                 with sync() if k < len(micro) - 1 else contextlib.nullcontext():
-                    loss_sum, _ = forward(b, cfg.train.loss_chunk)
+                    with amp():
+                        loss_sum, _ = forward(b, cfg.train.loss_chunk)
                     if faults.active("nan-loss", step + 1):
                         loss_sum = loss_sum * float("nan")
                     # DDP and FSDP average gradients over the processes: scale by their number to get the sum
-                    (loss_sum * d.world / n_sup).backward()
+                    (loss_sum * d.world / denom).backward()
                 loss_total += float(loss_sum.detach())
             faults.point("kill-step", step + 1)
-            loss = d.sum(loss_total) / n_sup
+            loss = d.sum(loss_total) / denom
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             gnorm = float(dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # inf: measure, don't clip
             finite = math.isfinite(loss) and math.isfinite(gnorm)
@@ -567,24 +622,27 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             if finite and not nothing:
                 opt.step()
                 skipped_in_a_row = 0
-            else:  # train.nonfinite=skip: no update from this batch, counted
+            elif not finite:  # train.nonfinite=skip: no update from this batch, counted
                 skipped += 1
                 skipped_in_a_row += 1
                 log.warning("step %d: non-finite loss or gradient norm; step skipped (%d so far)", step + 1, skipped)
+            else:
+                log.info("step %d: every example has weight 0: no update", step + 1)
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += n_tok
             dt = time.time() - t0
             rec: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 6),
                                    "tokens": n_tok, "supervised_tokens": n_sup, "tokens_per_s": round(n_tok / dt, 1),
-                                   "epoch": pos.epoch, "time": round(time.time() - t_loop, 2)}
+                                   "epoch": round(pos.epoch + pos.batch / n_batches, 4),  # epochs done
+                                   "time": round(time.time() - t_loop, 2)}
             if not finite:
                 rec.update(loss=None, grad_norm=None, skipped=True)
             evaluating = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and (
                 step < steps or stopper is not None)
             stop_now = False
             if evaluating and (d.main or fsdp):  # FSDP: every process takes part, rank 0 records
-                with gathered(), eager():
+                with gathered(), eager(), amp():
                     if val_ex:
                         rec["val_loss"] = round(validation_loss(model, val_ex, tok.pad_token_id, cfg.eval.batch_size,
                                                                 cfg.train.loss_chunk, objective(cfg)[0]), 6)
@@ -622,13 +680,15 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 state_now, opt_now = trainable_state(model), opt
                 if fsdp:  # gathered whole: the checkpoint is the same file as one process writes
                     state_now, opt_now = dist.gather_full(state_now, d.main), dist.full_optimizer_state(opt, d.main)
+                rngs = d.gather_object(ckpt.own_rng_state()) if d.on else None  # each process's generators
                 if d.main:
                     ckpt.save_checkpoint(run / "checkpoints", step, state_now, opt_now,
                                          {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
                                           "tokens_seen": tokens_seen, "skipped": skipped,
+                                          "skipped_in_a_row": skipped_in_a_row,
                                           "data_fingerprint": fingerprint, "processes": d.world,
                                           "early_stopping": stopper.state() if stopper else {}},
-                                         cfg.train.keep_checkpoints)
+                                         cfg.train.keep_checkpoints, rng=ckpt.rng_state(rngs))
                 d.barrier()
             if stop_now and step < steps:
                 stopped_early = step
@@ -653,11 +713,11 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if d.main:
-            model = _unsharded(cfg, model_path, tok, labels, weights)
+            model = _unsharded(cfg, weights_cfg, model_path, tok, labels, weights)
     if not d.main:  # rank 0 saves and evaluates; the others wait for it, then all leave the group together
         d.barrier()  # (a process leaving gloo while another still holds its connections can abort at exit)
         return run
-    if stopper is not None and (run / "best" / "trainable.safetensors").exists():
+    if stopper is not None and stopper.best_step is not None and _best_step(run / "best") == stopper.best_step:
         from safetensors.torch import load_file
 
         named = dict(model.named_parameters())
@@ -666,13 +726,16 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                 named[k].copy_(v.to(named[k].device))
         say(f"restored the best weights (step {stopper.best_step}, {cfg.train.best_metric} {stopper.best:.4f})",
             quiet)
+    elif stopper is not None and stopper.best_step is not None and stopper.best_step != step:
+        log.warning("the best weights (step %d) are not in %s (a resume from another branch replaced them): "
+                    "the model saved is the one of step %d", stopper.best_step, run / "best", step)
 
     # ---- save and evaluate
     if cfg.output.save_model:
         out_name = output_name(cfg)
         atomic.write_dir(run / out_name, lambda d: save_trained(model, cfg.train.mode, d, tok))
     say(f"evaluating the fine-tuned model on {len(eval_ex)} {split_name} examples ...", quiet)
-    after = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels)
+    after = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels, amp)
     result = _without_samples(after)
     result.update({"split": split_name, "steps": steps, "train_time_s": round(train_time, 1),
                    "total_time_s": round(time.time() - t_start, 1), "trainable_parameters": n_train,
@@ -717,9 +780,9 @@ def trainable_model(lm, cfg: Config, labels: list[str] | None):
     return apply_mode(lm, cfg.train, cfg.lora)
 
 
-def _unsharded(cfg: Config, model_path, tok, labels, weights: dict[str, torch.Tensor]):
+def _unsharded(cfg: Config, weights_cfg, model_path, tok, labels, weights: dict[str, torch.Tensor]):
     """A fresh, unsharded model of the run's structure holding the trained ``weights`` (from FSDP)."""
-    lm, _ = load_model(cfg.model, model_path, tok)
+    lm, _ = load_model(weights_cfg, model_path, tok)
     model = trainable_model(lm, cfg, labels)
     named = dict(model.named_parameters())
     if set(weights) != set(named):
@@ -728,6 +791,15 @@ def _unsharded(cfg: Config, model_path, tok, labels, weights: dict[str, torch.Te
         for k, v in weights.items():
             named[k].copy_(v)
     return model
+
+
+def _best_step(path: Path) -> int | None:
+    """The step whose weights ``path`` (a run's best/) holds, or None."""
+    try:
+        return json.loads((path / "best.json").read_text())["step"] if (path / "trainable.safetensors").exists() \
+            else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _write_best(path: Path, params: dict[str, torch.Tensor], step: int, value: float, cfg: Config) -> None:
