@@ -36,7 +36,7 @@ browser:
 	  echo "note: chromium could not be installed; the report's browser test will be skipped"
 
 test: venv browser
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n auto --durations=20
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -341,8 +341,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.recipe is None) == (args.input is None):
         raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template), --input FILE, "
                            "or --self-instruct SEEDS", "generate")
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise TunelabError("--n, --max-new-tokens and --batch-size must be at least 1", "generate")
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise TunelabError("--n, --max-new-tokens, --batch-size and --limit must be at least 1", "generate")
     if args.verifier and args.critic:
         raise TunelabError("give one critic: --verifier or --critic, not both", "generate")
     if args.input and (args.overrides or args.split != "train"):
@@ -357,10 +357,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     verifier = load_verifier(args.verifier) if args.verifier else None
     if args.critic and not (Path(args.critic) / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", args.critic)
+    if args.critic and load_config(args.critic).task != "classification":  # found before generating, not after
+        raise TunelabError("the critic must be a classification run", args.critic)
     recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     model, tok = generation_model(args.target, args.device)
     items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg
              else prompts_from_file(args.input, args.prompt_field)[: args.limit])
+    if not items:
+        raise TunelabError(f"the recipe's {args.split} split holds no prompts (data.{args.split}_size or "
+                           f"data.{args.split} gives it some)", args.recipe)
     stops = stop_ids(recipe_cfg, tok) if recipe_cfg is not None else []
     outputs = generate(model, tok, [i.prompt for i in items], max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -568,6 +569,14 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         value = ev.get(key) if isinstance(ev, dict) else None
         if isinstance(value, str) and value.endswith(_FILE_SUFFIXES):  # a file, not a built-in task's name
             ev[key] = str((base / os.path.expanduser(value)).resolve())
+    chat = raw.get("chat")
+    if isinstance(chat, dict) and _is_template_file(chat.get("template")):
+        chat["template"] = str((base / os.path.expanduser(chat["template"])).resolve())
+
+
+def _is_template_file(value: Any) -> bool:
+    """chat.template names a Jinja file (not auto, model or a shipped template's name)."""
+    return isinstance(value, str) and (value.endswith((".jinja", ".j2")) or "/" in value)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -618,6 +627,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
         if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
             raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
+        if key == "chat.template" and _is_template_file(value):
+            raw["chat"]["template"] = str((cwd / os.path.expanduser(value)).resolve())
         if key == "sni.dir" and isinstance(value, str):
             raw["sni"]["dir"] = str((cwd / os.path.expanduser(value)).resolve())
     cfg = _build(Config, raw, "", loc)
@@ -638,6 +649,7 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.epochs >= 1, "train.epochs", "must be at least 1")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1")
     need(t.lr > 0, "train.lr", "must be positive")
+    need(math.isfinite(t.lr), "train.lr", "must be finite")
     need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be non-negative")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")

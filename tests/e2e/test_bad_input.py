@@ -182,6 +182,12 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
             lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--out", str(c.tmp / "g.jsonl"), "--limit",
                      "2", "--max-new-tokens", "2", "--verifier", "json:loads"],
             "verifier json:loads raised TypeError"),
+        "generate: a split without prompts": (
+            lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--split", "test", "--out",
+                     str(c.tmp / "g.jsonl")], "recipe.yaml: the recipe's test split holds no prompts"),
+        "generate: a critic that is not a classifier (found before generating)": (
+            lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--out", str(c.tmp / "g.jsonl"),
+                     "--critic", str(c.fake_run())], "fake_run: the critic must be a classification run"),
         # ---- command-line arguments
         "cli: eval of a directory that is not a run": (lambda: ["eval", str(_mkdir(c.tmp / "empty"))],
                                                        "empty: not a run directory"),

@@ -377,3 +377,20 @@ SHIPPED = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_every_shipped_recipe_passes_the_checks(path):
     cfg = load_config(path)
     assert cfg.description and cfg.model.name
+
+
+def test_a_chat_template_file_is_relative_to_the_recipe_like_data(tmp_path, monkeypatch):
+    d = tmp_path / "recipes"
+    d.mkdir()
+    (d / "r.yaml").write_text("task: chat\ndata: {train: c.jsonl}\nchat: {template: my.jinja}\n")
+    assert load_config(d / "r.yaml").chat.template == str(d / "my.jinja")
+    monkeypatch.chdir(tmp_path)  # on the command line: relative to where the user is
+    assert load_config(d / "r.yaml", ["chat.template=t/x.jinja"]).chat.template == str(tmp_path / "t" / "x.jinja")
+    assert load_config(d / "r.yaml", ["chat.template=chatml"]).chat.template == "chatml"
+
+
+def test_an_infinite_learning_rate_is_refused(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("data: {train: x.txt}\n")
+    with pytest.raises(TunelabError, match="train.lr: must be finite"):
+        load_config(r, ["train.lr=.inf"])
