@@ -336,6 +336,7 @@ def _dataclass_of(tp: Any) -> type | None:
 
 def _suggest(key: str) -> str:
     keys = all_keys()
+    key = re.sub(r"\[\d+\]", "", key)  # instruct.tasks[1].wieght -> instruct.tasks.wieght
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -407,7 +408,7 @@ def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
-        return [_coerce(v, inner, key, loc) for v in value]
+        return [_coerce(v, inner, f"{key}[{i}]", loc) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -469,6 +470,11 @@ def _key_lines(text: str, filename: str) -> dict[str, str]:
                 key = prefix + str(knode.value)
                 out[key] = f"{filename}:{knode.start_mark.line + 1}"
                 walk(vnode, key + ".")
+        elif isinstance(node, yaml.SequenceNode) and prefix:  # a list's items: key[i] (instruct.tasks[1].weight)
+            for i, item in enumerate(node.value):
+                key = f"{prefix[:-1]}[{i}]"
+                out[key] = f"{filename}:{item.start_mark.line + 1}"
+                walk(item, key + ".")
 
     try:
         walk(yaml.compose(text), "")

@@ -72,12 +72,12 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     return model, vocab
 
 
-def examples_fingerprint(examples, teacher: str = "") -> str:
-    """The data (tokens and masks) and the teacher (its name and, for a local directory, the size and
-    modification time of every weights file in it) a cache was computed for."""
+def examples_fingerprint(examples, teacher: str = "", dtype: str = "") -> str:
+    """The data (tokens and masks) and the teacher (its name, or a local directory's absolute path and the
+    size and modification time of every weights file in it, and the dtype it ran in) a cache was computed for."""
     h = hashlib.sha256()
-    h.update(teacher.encode())
     root = Path(teacher)
+    h.update(f"{root.resolve() if root.exists() else teacher}|{dtype}".encode())
     if root.is_dir():
         for f in sorted(root.rglob("*")):
             if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():
@@ -122,7 +122,8 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
 
     kd = cfg.kd
     path = Path(kd.cache)
-    fp = examples_fingerprint(examples, str(kd.teacher))
+    fp = examples_fingerprint(examples, str(kd.teacher), cfg.model.dtype if kd.teacher_dtype == "auto"
+                              else kd.teacher_dtype)
     if path.exists():
         try:
             with safe_open(str(path), "pt") as f:

@@ -394,3 +394,17 @@ def test_an_infinite_learning_rate_is_refused(tmp_path):
     r.write_text("data: {train: x.txt}\n")
     with pytest.raises(TunelabError, match="train.lr: must be finite"):
         load_config(r, ["train.lr=.inf"])
+
+
+def test_an_error_inside_a_list_item_names_the_item_and_its_line(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("data: {train: x.txt}\ninstruct:\n  tasks:\n    - builtin: reverse\n    - builtin: length\n"
+                 "      weight: lots\n")
+    with pytest.raises(TunelabError, match=r"instruct\.tasks\[1\]\.weight: expected a number") as e:
+        load_config(r)
+    assert e.value.where == f"{r}:6"
+    r.write_text("data: {train: x.txt}\ninstruct:\n  tasks:\n    - builtin: reverse\n      wieght: 2\n")
+    with pytest.raises(TunelabError, match=r"unknown key instruct\.tasks\[0\]\.wieght \(did you mean "
+                                           r"instruct\.tasks\.weight\?\)") as e:
+        load_config(r)
+    assert e.value.where == f"{r}:5"

@@ -128,3 +128,17 @@ def test_top_k_cache_round_trip(tmp_path):
     ce = F.cross_entropy(z, labels[:, 1:][sel], reduction="none")
     ref = (0.5 * ce + 0.5 * 4.0 * (t4.exp() * (t4 - s4)).sum(-1)).sum()
     assert float(top4) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_a_teacher_cache_fingerprint_names_the_teacher_by_path_and_dtype(tmp_path, monkeypatch):
+    from tunelab.data.formats import Example
+    from tunelab.teacher import examples_fingerprint
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"weights")
+    ex = [Example([1, 2, 3], [-100, 2, 3], "", "", "x")]
+    monkeypatch.chdir(tmp_path)
+    absolute = examples_fingerprint(ex, str(tmp_path / "teacher"), "float32")
+    assert examples_fingerprint(ex, "teacher", "float32") == absolute  # the same directory, however named
+    assert examples_fingerprint(ex, "teacher", "bfloat16") != absolute  # other log-probabilities
+    assert examples_fingerprint([Example([1, 2, 4], [-100, 2, 4], "", "", "x")], "teacher", "float32") != absolute
