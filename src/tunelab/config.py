@@ -397,8 +397,9 @@ def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
                 errors.append(e)
         raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and key in _SHORTHAND:
-            value = {_SHORTHAND[key]: value}
+        plain = re.sub(r"\[\d+\]", "", key)  # instruct.tasks[0].source -> instruct.tasks.source
+        if isinstance(value, str) and plain in _SHORTHAND:
+            value = {_SHORTHAND[plain]: value}
         if not isinstance(value, dict):
             raise TunelabError(f"{key}: expected a section (mapping), got {value!r}", loc.of(key))
         return _build(tp, value, key + ".", loc)
@@ -575,14 +576,6 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         value = ev.get(key) if isinstance(ev, dict) else None
         if isinstance(value, str) and value.endswith(_FILE_SUFFIXES):  # a file, not a built-in task's name
             ev[key] = str((base / os.path.expanduser(value)).resolve())
-    chat = raw.get("chat")
-    if isinstance(chat, dict) and _is_template_file(chat.get("template")):
-        chat["template"] = str((base / os.path.expanduser(chat["template"])).resolve())
-
-
-def _is_template_file(value: Any) -> bool:
-    """chat.template names a Jinja file (not auto, model or a shipped template's name)."""
-    return isinstance(value, str) and (value.endswith((".jinja", ".j2")) or "/" in value)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -633,8 +626,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
         if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
             raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
-        if key == "chat.template" and _is_template_file(value):
-            raw["chat"]["template"] = str((cwd / os.path.expanduser(value)).resolve())
         if key == "sni.dir" and isinstance(value, str):
             raw["sni"]["dir"] = str((cwd / os.path.expanduser(value)).resolve())
     cfg = _build(Config, raw, "", loc)
@@ -717,9 +708,6 @@ def _check(cfg: Config, loc: _Located) -> None:
          f"mixed autocasts to bfloat16: set model.dtype=bfloat16 (it is {cfg.model.dtype})")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
-    need(cfg.model.bos_token is None or cfg.task != "chat", "model.bos_token",
-         "with task: chat the chat template decides how a conversation starts: put the start token in the "
-         "template (chat.template=FILE.jinja) and leave model.bos_token unset")
     need(d.weight_field is None or cfg.task != "classification", "data.weight_field",
          "example weights are for generation and chat tasks")
     need(d.completion_tokens == "bpe" or cfg.task == "generation", "data.completion_tokens",

@@ -16,7 +16,7 @@ def load_function(spec: str, where: str) -> Callable:
     if not mod_name or not fn_name:
         raise TunelabError(f"expected module:function, got {spec!r}", where)
     if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
+        sys.path.append(os.getcwd())  # a module beside the user (after the installed packages: none is shadowed)
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:

@@ -47,9 +47,7 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     from .models import load_model, load_trained
 
     kd = cfg.kd
-    dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
-    dev = "cuda" if kd.teacher_device == "auto" and device.type == "cuda" else kd.teacher_device
-    dev = "cpu" if dev == "auto" else dev
+    dtype, dev = teacher_placement(cfg, device)
     if _is_run(kd.teacher):
         tcfg = load_config(kd.teacher)
         if tcfg.task == "classification":
@@ -70,6 +68,29 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, vocab
+
+
+def teacher_placement(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """The teacher's dtype and device as configured (kd.teacher_dtype / kd.teacher_device, auto: the student's)."""
+    kd = cfg.kd
+    dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
+    dev = "cuda" if kd.teacher_device == "auto" and device.type == "cuda" else kd.teacher_device
+    return dtype, "cpu" if dev == "auto" else dev
+
+
+def legacy_fingerprint(examples, teacher: str) -> str:
+    """The fingerprint of caches written before it covered the teacher's dtype (still accepted)."""
+    h = hashlib.sha256()
+    h.update(teacher.encode())
+    root = Path(teacher)
+    if root.is_dir():
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:16]
 
 
 def examples_fingerprint(examples, teacher: str = "", dtype: str = "") -> str:
@@ -122,8 +143,10 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
 
     kd = cfg.kd
     path = Path(kd.cache)
-    fp = examples_fingerprint(examples, str(kd.teacher), cfg.model.dtype if kd.teacher_dtype == "auto"
-                              else kd.teacher_dtype)
+    from .models import resolve_device, resolve_dtype
+
+    dtype, dev = teacher_placement(cfg, device)
+    fp = examples_fingerprint(examples, str(kd.teacher), str(resolve_dtype(dtype, resolve_device(dev))))
     if path.exists():
         try:
             with safe_open(str(path), "pt") as f:
@@ -131,7 +154,8 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
             cache = load_file(str(path))
         except Exception as e:  # not a safetensors file, truncated, ...
             raise TunelabError(f"not a teacher cache ({type(e).__name__})", str(path)) from None
-        if meta.get("fingerprint") != fp or int(meta.get("examples", -1)) != len(examples):
+        known = fp if meta.get("fingerprint_version") == "2" else legacy_fingerprint(examples, str(kd.teacher))
+        if meta.get("fingerprint") != known or int(meta.get("examples", -1)) != len(examples):
             raise TunelabError("the cached teacher log-probabilities were computed for other data or another "
                                "teacher: delete the file or point kd.cache elsewhere", str(path))
         if int(meta.get("top_k", -1)) != min(kd.top_k, len(student_tok)):
@@ -145,7 +169,8 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
         log.info("computing the teacher's top-%d log-probabilities over %d examples -> %s", kd.top_k,
                  len(examples), path)
     cache = build_cache(teacher, examples, vocab, kd.top_k, student_tok.pad_token_id, progress=not quiet)
-    meta = {"fingerprint": fp, "examples": str(len(examples)), "top_k": str(min(kd.top_k, vocab)),
+    meta = {"fingerprint": fp, "fingerprint_version": "2", "examples": str(len(examples)),
+            "top_k": str(min(kd.top_k, vocab)),
             "teacher": str(kd.teacher)}
     atomic.write_file(path, lambda p: save_file(cache, str(p), metadata=meta))
     del teacher

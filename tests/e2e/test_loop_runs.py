@@ -120,9 +120,30 @@ def test_precision_resolves_by_dtype_and_mode(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert mixed_precision(load_config(r, ["model.dtype=bfloat16", "train.mode=full"]), cpu) == torch.bfloat16
     assert mixed_precision(load_config(r, ["model.dtype=bfloat16", "train.mode=lora"]), cpu) is None  # PEFT: fp32
+    assert mixed_precision(load_config(r, ["model.dtype=bfloat16", "train.mode=head"]), cpu) is None  # frozen body
     assert mixed_precision(load_config(r, ["model.dtype=float32", "train.mode=full"]), cpu) is None
     assert mixed_precision(load_config(r, ["model.dtype=bfloat16", "train.precision=pure"]), cpu) is None
     assert mixed_precision(load_config(r, ["model.dtype=bfloat16", "train.precision=mixed", "train.mode=lora"]),
                            cpu) == torch.bfloat16
     if not torch.cuda.is_available():
         assert mixed_precision(load_config(r, ["train.mode=full"]), cuda) is None  # auto: no bf16 without one
+
+
+def test_resuming_another_runs_checkpoint(tmp_path, tiny_model, names_file):
+    """Into a new directory with early stopping on, from a run that had none (no best/ to bring); and over
+    a directory holding a third run with output.overwrite=true: nothing of that run is kept (its before.json)."""
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    base = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", "eval.generate=false"]
+    a = tunelab.train(load_config(r, [*base, f"output.dir={tmp_path / 'a'}", "eval.before=false"]), quiet=True)
+    step2 = a / "checkpoints" / "step-2"
+    b = tunelab.train(load_config(r, [*base, f"output.dir={tmp_path / 'b'}", "eval.before=false",
+                                      "train.eval_every=1", "train.early_stopping_patience=5",
+                                      f"train.resume={step2}"]), quiet=True)
+    assert [row["step"] for row in _metrics(b)] == [3, 4] and (b / "best" / "best.json").exists()
+    c = tunelab.train(load_config(r, [*base, f"output.dir={tmp_path / 'c'}", "train.seed=5"]), quiet=True)
+    before_c = json.loads((c / "before.json").read_text())
+    (c / "before.json").write_text(json.dumps({**before_c, "val_loss": 123.0}))  # marks c's own file
+    tunelab.train(load_config(r, [*base, f"output.dir={c}", "output.overwrite=true", f"train.resume={step2}"]),
+                  quiet=True)
+    assert json.loads((c / "before.json").read_text())["val_loss"] != 123.0
+    assert [row["step"] for row in _metrics(c)] == [3, 4]

@@ -379,16 +379,6 @@ def test_every_shipped_recipe_passes_the_checks(path):
     assert cfg.description and cfg.model.name
 
 
-def test_a_chat_template_file_is_relative_to_the_recipe_like_data(tmp_path, monkeypatch):
-    d = tmp_path / "recipes"
-    d.mkdir()
-    (d / "r.yaml").write_text("task: chat\ndata: {train: c.jsonl}\nchat: {template: my.jinja}\n")
-    assert load_config(d / "r.yaml").chat.template == str(d / "my.jinja")
-    monkeypatch.chdir(tmp_path)  # on the command line: relative to where the user is
-    assert load_config(d / "r.yaml", ["chat.template=t/x.jinja"]).chat.template == str(tmp_path / "t" / "x.jinja")
-    assert load_config(d / "r.yaml", ["chat.template=chatml"]).chat.template == "chatml"
-
-
 def test_an_infinite_learning_rate_is_refused(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("data: {train: x.txt}\n")
@@ -408,3 +398,10 @@ def test_an_error_inside_a_list_item_names_the_item_and_its_line(tmp_path):
                                            r"instruct\.tasks\.weight\?\)") as e:
         load_config(r)
     assert e.value.where == f"{r}:5"
+
+
+def test_a_task_source_may_be_a_path_in_a_recipe_without_a_data_section(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("instruct:\n  tasks:\n    - name: nli\n      source: nli.jsonl\n"
+                 "      templates: [{prompt: '{p}', completion: ' {a}'}]\n")
+    assert load_config(r).instruct.tasks[0].source.path == "nli.jsonl"

@@ -284,9 +284,8 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     if need_split:
         train = list(train)
         random.Random(seed).shuffle(train)
-        total = len(train)  # a fraction is of all the records, whatever is held out first
-        for s in need_split:
-            k = _size(getattr(cfg, f"{s}_size"), total)
+        for s in need_split:  # a fraction is of the records left: test first, then validation from the rest
+            k = _size(getattr(cfg, f"{s}_size"), len(train))
             if k >= len(train):
                 raise TunelabError(f"holding out {k} leaves no training records (there are {len(train)})",
                                    f"data.{s}_size")

@@ -117,14 +117,22 @@ def _read_json(path: str, src: SourceConfig) -> list[Record]:
 
 
 def _read_csv(path: str, src: SourceConfig) -> list[Record]:
+    try:  # strict finds a quote left open (else it swallows the rest of the file); it also refuses what the
+        return _csv_records(path, strict=True)  # usual reading takes (`"a" ,b`): read those as usual
+    except csv.Error:
+        return _csv_records(path, strict=False)
+
+
+def _csv_records(path: str, strict: bool) -> list[Record]:
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, strict=True)  # strict: a quote left open is an error, not one huge field
+        reader = csv.DictReader(f, strict=strict)
         line = 0
         try:
             if not reader.fieldnames:
                 raise TunelabError("CSV file has no header row", path)
-            dupes = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+            names = [c for c in reader.fieldnames if c.strip()]  # unnamed columns (trailing commas) are no field
+            dupes = sorted({c for c in names if names.count(c) > 1})
             if dupes:
                 raise TunelabError(f"the header names {', '.join(map(repr, dupes))} more than once", f"{path}:1")
             line = reader.line_num  # the header's
@@ -134,6 +142,8 @@ def _read_csv(path: str, src: SourceConfig) -> list[Record]:
                     raise TunelabError("more values than header columns", f"{path}:{line}")
                 out.append(Record(dict(row), f"{path}:{line}"))
         except csv.Error as e:
+            if strict and "end of data" not in str(e):
+                raise
             # the record after the last one read: where a quote left open begins
             hint = " (a quote opened in this record is never closed)" if "end of data" in str(e) else ""
             raise TunelabError(f"malformed CSV: {one_line(e)}{hint}", f"{path}:{line + 1}") from None

@@ -73,7 +73,7 @@ def render(template: str, record: dict[str, Any], where: str, key: str = "templa
         if isinstance(value, (list, dict)):
             raise TunelabError(f"field {name!r} is a {'list' if isinstance(value, list) else 'JSON object'}, "
                                f"not text (used by {key})", where)
-        text = "" if value is None else ("true" if value else "false") if isinstance(value, bool) else str(value)
+        text = "" if value is None else str(value)
         for f in filters:
             text = FILTERS[f](text)
         return text

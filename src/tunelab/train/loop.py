@@ -238,7 +238,7 @@ def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     compute = resolve_dtype(cfg.model.dtype, device)
     if cfg.train.precision == "mixed":
         return torch.bfloat16
-    if cfg.train.precision == "auto" and compute == torch.bfloat16 and cfg.train.mode != "lora":
+    if cfg.train.precision == "auto" and compute == torch.bfloat16 and cfg.train.mode == "full":
         return torch.bfloat16
     return None
 
@@ -408,7 +408,12 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         raise TunelabError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {d.world} "
                            "processes (each takes an equal share of every micro-batch)", "train.batch_size")
     # ---- setup: everything that can fail on bad input happens before the run directory is touched
+    if cfg.model.bos_token is not None and cfg.task == "chat":  # (a saved run that has both still loads)
+        raise TunelabError("with task: chat the chat template decides how a conversation starts: put the start "
+                           "token in the template (chat.template=FILE.jinja) and leave model.bos_token unset",
+                           "model.bos_token")
     run, resume_from = _prepare_run_dir(cfg, resume)
+    own = resume_from is not None and run.resolve() in Path(resume_from).resolve().parents
     torch.manual_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name)
     tok = load_tokenizer(cfg.model, model_path)
@@ -457,7 +462,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
 
     before = None
     before_path = run / "before.json"
-    if resume_from is not None and before_path.exists():
+    if own and before_path.exists():  # this run's own base evaluation (not another run's, being replaced)
         before = json.loads(before_path.read_text())
     elif cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
@@ -520,7 +525,6 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             if stopper.bad >= stopper.patience and step < steps:  # it had stopped early here: stay stopped
                 stopped_early = step
         pos = Position(state["epoch"], state["batch"])
-        own = run.resolve() in Path(resume_from).resolve().parents
         d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
         if d.main:
             if not own and run.exists():  # output.overwrite=true over another run: it goes
@@ -533,7 +537,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             best_src = run / "best" if own else Path(resume_from).resolve().parents[1] / "best"
             if own and _best_step(best_src) != (stopper.best_step if stopper else None):
                 shutil.rmtree(best_src, ignore_errors=True)  # from an abandoned future (or early stopping is off)
-            elif not own and stopper is not None and _best_step(best_src) == stopper.best_step:
+            elif not own and stopper is not None and stopper.best_step is not None \
+                    and _best_step(best_src) == stopper.best_step:
                 shutil.copytree(best_src, run / "best")
         if stopper is not None and stopper.best_step == step:  # the weights resumed are the best so far
             best = dist.gather_full(trainable_state(model), d.main)
@@ -727,8 +732,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         say(f"restored the best weights (step {stopper.best_step}, {cfg.train.best_metric} {stopper.best:.4f})",
             quiet)
     elif stopper is not None and stopper.best_step is not None and stopper.best_step != step:
-        log.warning("the best weights (step %d) are not in %s (a resume from another branch replaced them): "
-                    "the model saved is the one of step %d", stopper.best_step, run / "best", step)
+        log.warning("the best weights (step %d) are not in %s (replaced by a later step that a resume from an "
+                    "earlier checkpoint abandoned): the model saved is the one of step %d", stopper.best_step,
+                    run / "best", step)
 
     # ---- save and evaluate
     if cfg.output.save_model:
