@@ -80,25 +80,20 @@ def teacher_placement(cfg: Config, device: torch.device) -> tuple[str, str]:
 
 def legacy_fingerprint(examples, teacher: str) -> str:
     """The fingerprint of caches written before it covered the teacher's dtype (still accepted)."""
-    h = hashlib.sha256()
-    h.update(teacher.encode())
-    root = Path(teacher)
-    if root.is_dir():
-        for f in sorted(root.rglob("*")):
-            if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():
-                st = f.stat()
-                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for e in examples:
-        h.update(json.dumps([e.input_ids, e.labels]).encode())
-    return h.hexdigest()[:16]
+    return _fingerprint(teacher, examples, teacher)
 
 
 def examples_fingerprint(examples, teacher: str = "", dtype: str = "") -> str:
     """The data (tokens and masks) and the teacher (its name, or a local directory's absolute path and the
     size and modification time of every weights file in it, and the dtype it ran in) a cache was computed for."""
-    h = hashlib.sha256()
     root = Path(teacher)
-    h.update(f"{root.resolve() if root.exists() else teacher}|{dtype}".encode())
+    return _fingerprint(f"{root.resolve() if root.exists() else teacher}|{dtype}", examples, teacher)
+
+
+def _fingerprint(name: str, examples, teacher: str) -> str:
+    h = hashlib.sha256()
+    h.update(name.encode())
+    root = Path(teacher)
     if root.is_dir():
         for f in sorted(root.rglob("*")):
             if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():

@@ -142,3 +142,18 @@ def test_a_teacher_cache_fingerprint_names_the_teacher_by_path_and_dtype(tmp_pat
     assert examples_fingerprint(ex, "teacher", "float32") == absolute  # the same directory, however named
     assert examples_fingerprint(ex, "teacher", "bfloat16") != absolute  # other log-probabilities
     assert examples_fingerprint([Example([1, 2, 4], [-100, 2, 4], "", "", "x")], "teacher", "float32") != absolute
+
+
+def test_caches_written_with_the_earlier_fingerprint_still_match():
+    """legacy_fingerprint is the formula caches were written with before the dtype was part of it."""
+    import hashlib
+    import json
+
+    from tunelab.data.formats import Example
+    from tunelab.teacher import legacy_fingerprint
+
+    ex = [Example([1, 2, 3], [-100, 2, 3], "", "", "x")]
+    h = hashlib.sha256()
+    h.update(b"HuggingFaceTB/SmolLM2-360M-Instruct")
+    h.update(json.dumps([[1, 2, 3], [-100, 2, 3]]).encode())
+    assert legacy_fingerprint(ex, "HuggingFaceTB/SmolLM2-360M-Instruct") == h.hexdigest()[:16]
