@@ -120,9 +120,9 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
-    # auto: mixed where model.dtype is bfloat16 and the model's own weights train (full, head, freeze), else
-    # pure | pure: weights, gradients and AdamW in model.dtype | mixed: float32 weights and optimizer, the
-    # forward pass autocast to model.dtype (updates too small for bfloat16 are not lost)
+    # auto: mixed for full fine-tuning where model.dtype is bfloat16, else pure | pure: weights, gradients and
+    # AdamW in model.dtype | mixed: float32 weights and optimizer, the forward pass autocast to bfloat16
+    # (updates too small for bfloat16 are not lost)
     precision: str = field(default="auto", metadata=_choices("auto", "pure", "mixed"))
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -334,9 +334,14 @@ def _dataclass_of(tp: Any) -> type | None:
     return None
 
 
+def _unindexed(key: str) -> str:
+    """A key with its list indices dropped: instruct.tasks[1].weight -> instruct.tasks.weight."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
 def _suggest(key: str) -> str:
     keys = all_keys()
-    key = re.sub(r"\[\d+\]", "", key)  # instruct.tasks[1].wieght -> instruct.tasks.wieght
+    key = _unindexed(key)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -397,7 +402,7 @@ def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
                 errors.append(e)
         raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
     if dataclasses.is_dataclass(tp):
-        plain = re.sub(r"\[\d+\]", "", key)  # instruct.tasks[0].source -> instruct.tasks.source
+        plain = _unindexed(key)
         if isinstance(value, str) and plain in _SHORTHAND:
             value = {_SHORTHAND[plain]: value}
         if not isinstance(value, dict):

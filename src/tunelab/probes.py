@@ -149,22 +149,19 @@ def score_control(model, tok, cfg: Config, items: list[ControlItem], progress: b
     from .generate import generate
 
     outputs: list[str] = [""] * len(items)
-    text = [i for i, it in enumerate(items) if isinstance(it.prompt, str)]
-    convo = [i for i, it in enumerate(items) if not isinstance(it.prompt, str)]
-    for mnt in sorted({it.max_new_tokens for it in items}):  # each item generates its own budget, no more
-        mine = [i for i in text if items[i].max_new_tokens == mnt]
-        if mine:
-            for i, (out,) in zip(mine, generate(model, tok, [items[i].prompt for i in mine], max_new_tokens=mnt,
-                                                batch_size=cfg.eval.batch_size, progress=progress)):
-                outputs[i] = out
-        mine = [i for i in convo if items[i].max_new_tokens == mnt]
-        if mine:
-            tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
-            prompts = [tok(chat.render(tmpl, items[i].prompt, True, tok, items[i].where),
-                           add_special_tokens=False)["input_ids"] for i in mine]
-            for i, (out,) in zip(mine, generate(model, tok, prompts, max_new_tokens=mnt, batch_size=cfg.eval.batch_size,
-                                                progress=progress, stop_ids=[chat.stop_id(tmpl, tok)])):
-                outputs[i] = out
+    convo = any(not isinstance(it.prompt, str) for it in items)
+    tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop) if convo else None
+    # a text item is its prompt; a conversation, its rendering up to the assistant's turn (token ids)
+    prompts = [it.prompt if isinstance(it.prompt, str) else tok(chat.render(tmpl, it.prompt, True, tok, it.where),
+                                                                add_special_tokens=False)["input_ids"] for it in items]
+    groups: dict[tuple[int, bool], list[int]] = {}  # each item generates its own budget, no more
+    for i, it in enumerate(items):
+        groups.setdefault((it.max_new_tokens, isinstance(it.prompt, str)), []).append(i)
+    for (mnt, is_text), mine in sorted(groups.items()):
+        stops = None if is_text else [chat.stop_id(tmpl, tok)]  # a conversation's turn ends on its own token
+        for i, (out,) in zip(mine, generate(model, tok, [prompts[i] for i in mine], max_new_tokens=mnt,
+                                            batch_size=cfg.eval.batch_size, progress=progress, stop_ids=stops)):
+            outputs[i] = out
     rows, kinds = [], {}
     for it, out in zip(items, outputs):
         score = best_of(MATCHERS[it.match], out, it.expected)

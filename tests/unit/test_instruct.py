@@ -465,3 +465,25 @@ def test_each_control_item_generates_its_own_token_budget(tmp_path, tiny_model):
              enumerate(zip(prompts, (1, 3, 7)))]
     got = [r["output"] for r in score_control(model, tok, cfg, items)["samples"]]
     assert got == [generate(model, tok, [it.prompt], max_new_tokens=it.max_new_tokens)[0][0] for it in items]
+
+
+def test_a_conversation_control_item_is_rendered_by_the_chat_template_and_stops_on_its_turn(tmp_path,
+                                                                                            tiny_chat_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data import chat
+    from tunelab.generate import generate
+    from tunelab.probes import ControlItem, score_control
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    (tmp_path / "r.yaml").write_text("task: chat\ndata: {train: c.jsonl}\nchat: {template: chatml}\n")
+    cfg = load_config(tmp_path / "r.yaml")
+    msgs = [{"role": "user", "content": "What is the first letter of the name?"}]
+    items = [ControlItem(msgs, ["x"], "contains", "k", 5, "c.jsonl:1"),
+             ControlItem("What is the answer?", ["x"], "contains", "k", 5, "c.jsonl:2")]
+    got = [r["output"] for r in score_control(model, tok, cfg, items)["samples"]]
+    tmpl = chat.resolve_template("chatml", tok)
+    ids = tok(chat.render(tmpl, msgs, True, tok, "c"), add_special_tokens=False)["input_ids"]
+    assert got == [generate(model, tok, [ids], max_new_tokens=5, stop_ids=[chat.stop_id(tmpl, tok)])[0][0],
+                   generate(model, tok, ["What is the answer?"], max_new_tokens=5)[0][0]]

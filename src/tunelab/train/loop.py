@@ -153,8 +153,8 @@ def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
         path = Path(mode)
         if not ckpt.verify(path):
             raise TunelabError("not a complete checkpoint (manifest missing or checksums differ)", str(path))
-        own = run.resolve() in path.resolve().parents
-        if not own and run.exists() and (not run.is_dir() or any(run.iterdir())) and not cfg.output.overwrite:
+        occupied = run.exists() and (not run.is_dir() or any(run.iterdir()))
+        if occupied and not _owns(run, path) and not cfg.output.overwrite:
             raise TunelabError(f"holds another run: resuming {path} there would overwrite it (choose a new "
                                "output.dir, or output.overwrite=true)", str(run))
         return run, path
@@ -413,7 +413,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                            "token in the template (chat.template=FILE.jinja) and leave model.bos_token unset",
                            "model.bos_token")
     run, resume_from = _prepare_run_dir(cfg, resume)
-    own = resume_from is not None and run.resolve() in Path(resume_from).resolve().parents
+    own = resume_from is not None and _owns(run, resume_from)
     torch.manual_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name)
     tok = load_tokenizer(cfg.model, model_path)
@@ -797,6 +797,11 @@ def _unsharded(cfg: Config, weights_cfg, model_path, tok, labels, weights: dict[
         for k, v in weights.items():
             named[k].copy_(v)
     return model
+
+
+def _owns(run: Path, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is one of the run directory ``run``'s own."""
+    return run.resolve() in Path(checkpoint).resolve().parents
 
 
 def _best_step(path: Path) -> int | None:
