@@ -177,6 +177,27 @@ def test_packed_loss_and_grads_equal_the_padded_batch(tiny, mode):
     _assert_all_match(results)
 
 
+def test_packed_rows_isolate_examples_under_flex_attention(tiny):
+    """train.packing with model.attention=flex_attention (the GPU benchmark's kernel): transformers builds
+    flex's block mask from the restarting position_ids, so no token of one packed row attends across
+    examples and the packed loss is the padded batch's. Forward only: FlexAttention has no backward on a CPU."""
+    import copy
+
+    from tunelab.train.forward import packed_loss_sum
+
+    model, tok = tiny
+    m = copy.deepcopy(model).eval()
+    batch = _batch(tok, ["emma", "olivia", "ava", "isabella", "sophia", "jo", "christopher", "ella"], shared=False)
+    batch["weight"] = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 1.5, 1.0])
+    with torch.no_grad():
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref, n_ref = masked_ce_sum(logits, batch["labels"], batch["weight"])
+        m.config._attn_implementation = "flex_attention"
+        loss, n = packed_loss_sum(m, batch, chunk=7, capacity=10_000)  # all eight examples in one row
+    assert n == n_ref
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, abs(float(ref)))
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_prefix_packed_loss_and_grads_equal_the_padded_batch(tiny, mode, attn):
