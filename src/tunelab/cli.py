@@ -163,18 +163,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.texts and not args.input:
         raise TunelabError("give texts to classify, or --input FILE", "predict")
     fields = fields_of(cfg.classify.text)
-    records: list[tuple[dict, str]] = []
+    records: list[tuple[dict | None, str]] = []  # (fields, where); None: a bare text, classified as it is
     for t in args.texts:  # a bare text fills the template's one field, or is the input as it is
-        records.append(({fields[0]: t} if len(set(fields)) == 1 else {}, t))
+        records.append(({fields[0]: t}, t) if len(set(fields)) == 1 else (None, t))
     if args.input:
         for r in read_source(SourceConfig(path=args.input)):
             records.append((r.fields, r.where))
+    out_path = Path(args.output) if args.output else None
+    if out_path is not None and out_path.is_dir():
+        raise TunelabError("is a directory: give a file for the predictions", str(out_path))
+    texts = []
+    for rec, where in records:
+        text = where if rec is None else render(cfg.classify.text, rec, where, "classify.text")
+        if not text.strip():
+            raise TunelabError("empty text: nothing to classify", "predict" if rec is None else where)
+        texts.append((text, where))
     model, tok = load_trained_classifier(run, cfg.model)
     examples = []
-    for rec, where in records:
-        text = render(cfg.classify.text, rec, where, "classify.text") if rec else where
-        if not text.strip():
-            raise TunelabError("empty text: nothing to classify", where if rec else "predict")
+    for text, where in texts:
         ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
         examples.append(Example(ids, [-100] * len(ids), text, "", where))
     probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
@@ -183,8 +189,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         best = max(range(len(p)), key=p.__getitem__)
         rows.append({"text": e.prompt, "label": model.labels[best],
                      "probs": {name: round(v, 6) for name, v in zip(model.labels, p)}})
-    if args.output:
-        atomic.write_text(Path(args.output), "".join(json.dumps(r) + "\n" for r in rows))
+    if out_path is not None:
+        atomic.write_text(out_path, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
     else:
         for r in rows:
@@ -504,6 +510,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(write_report(runs[0]))
         return 0
     out = Path(args.out or "runs/compare.html")
+    if out.is_dir():
+        raise TunelabError("is a directory: give a file for the page (--out runs/compare.html)", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     print(write_compare(runs, out))
     return 0

@@ -208,7 +208,9 @@ def format_confusion(res: dict[str, Any]) -> str:
     """The confusion matrix as text: rows are the true class, columns the predicted one."""
     labels = res["labels"]
     width = max(5, *(len(x) for x in labels)) + 1
-    lines = ["true \\ predicted".ljust(width) + "".join(x.rjust(width) for x in labels)]
+    corner = "true \\ predicted"
+    first = max(width, len(corner) + 1)  # the row names' column holds the corner's text
+    lines = [corner.ljust(first) + "".join(x.rjust(width) for x in labels)]
     for name, row in zip(labels, res["confusion"]):
-        lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+        lines.append(name.ljust(first) + "".join(str(v).rjust(width) for v in row))
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,7 @@ def load_run(run: Path) -> dict[str, Any]:
 def curves(runs: list[dict[str, Any]]) -> str:
     """Training loss (smoothed), learning rate and gradient norm; validation metrics over steps."""
     charts = []
-    label = {id(r): r["dir"].name for r in runs}
+    label = dict(zip((id(r) for r in runs), run_labels([r["dir"] for r in runs])))
     for key, title, log_y in (("loss", "training loss (smoothed)", True), ("lr", "learning rate", False),
                               ("grad_norm", "gradient norm", True), ("val_loss", "validation loss", False),
                               ("exact_match", "exact match (held out)", False),
@@ -301,8 +302,22 @@ def render_run(run: Path) -> str:
     return page(title, "".join(body))
 
 
+def run_labels(dirs: list[Path]) -> list[str]:
+    """A name for each run: its directory's name, or as many of its path's last parts as tell it from the
+    others (a/run, b/run); the same directory given twice is numbered."""
+    parts = [Path(os.path.abspath(d)).parts for d in dirs]
+    labels = []
+    for p in parts:
+        k = 1
+        while k < len(p) and any(q != p and q[-k:] == p[-k:] for q in parts):
+            k += 1
+        labels.append(str(Path(*p[-k:])))
+    return [f"{x} #{labels[:i + 1].count(x)}" if labels.count(x) > 1 else x for i, x in enumerate(labels)]
+
+
 def render_compare(runs: list[Path]) -> str:
     loaded = [load_run(r) for r in runs]
+    names = run_labels([r["dir"] for r in loaded])
     keys: list[str] = []
     for r in loaded:
         for k, _, _ in summary_rows(r):
@@ -312,11 +327,11 @@ def render_compare(runs: list[Path]) -> str:
     rows = [[k, *(v.get(k) for v in values)] for k in keys]
     diff = _config_diff([r["config"] for r in loaded])
     body = ["<h1>runs side by side</h1>", "<h2>summary</h2>",
-            table(["", *(r["dir"].name for r in loaded)], rows, "summary"),
+            table(["", *names], rows, "summary"),
             "<h2>training curves</h2>", curves(loaded)]
     if diff:
         body += ["<h2>what differs in the configurations</h2>",
-                 table(["key", *(r["dir"].name for r in loaded)], diff)]
+                 table(["key", *names], diff)]
     return page("tunelab: runs compared", "".join(body))
 
 

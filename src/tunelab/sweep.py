@@ -3,7 +3,9 @@
 ``tunelab sweep RECIPE --over data.train_size=100,300,1000 --over model.init=pretrained,random`` runs
 every combination as an ordinary ``tunelab train`` (a process of its own, so that each run's peak
 memory and failures are its own) in ``OUT/<cell>/``. A cell whose ``eval.json`` exists is finished and
-is not run again; a cell with checkpoints continues from them. The table (``sweep.md``, ``sweep.csv``,
+is not run again; a stopped cell continues from its last checkpoint (afresh if it wrote none). A cell
+directory whose ``config.yaml`` disagrees with this sweep's configuration of the cell (other overrides, an
+edited recipe) is an error, never taken for this sweep's result. The table (``sweep.md``, ``sweep.csv``,
 ``sweep.json``) holds each cell's values, its main metric, validation loss, trainable parameters, time
 and peak memory; ``sweep.png`` plots the main metric against the first axis when matplotlib is there.
 """
@@ -26,8 +28,31 @@ from .errors import TunelabError
 METRICS = ("exact_match", "accuracy")
 
 
+def split_values(text: str) -> list[str]:
+    """``v1,v2,...`` at its top-level commas: a comma inside brackets or braces (a YAML list or mapping:
+    ``[q_proj,v_proj]``) or inside quotes (``"Reverse, please: {name}"``) stays in its value."""
+    out, cur, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
 def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, list[str]]]:
-    """``key=v1,v2`` -> (key, [v1, v2]); each value stays text (the recipe override parser types it)."""
+    """``key=v1,v2`` -> (key, [v1, v2]); each value stays text (the recipe override parser types it).
+    Values split at top-level commas only (see split_values)."""
     from .config import _suggest, all_keys
 
     axes = []
@@ -38,7 +63,7 @@ def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, l
             raise TunelabError(f"expected key=v1,v2,..., got {spec!r}", "--over")
         if key not in all_keys():
             raise TunelabError(f"unknown key {key}{_suggest(key)}", f"--over {spec}")
-        vals = [v.strip() for v in values.split(",")]
+        vals = split_values(values)
         if not values.strip() or any(not v for v in vals):
             raise TunelabError(f"empty value in the axis {key}", f"--over {spec}")
         if any(k == key for k, _ in axes):
@@ -88,9 +113,47 @@ def overrides_of(assign: list[tuple[str, str]], variants: dict[str, list[str]]) 
     return out
 
 
+MAX_CELL_NAME = 96  # characters of a cell's directory name (file systems allow 255 bytes)
+
+
 def cell_name(assign: list[tuple[str, str]]) -> str:
+    """The cell's directory: its values, made safe; a long one is cut and told apart by a hash of the whole."""
     parts = [f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in assign]
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts)).strip(".") or "cell"
+    if len(name) > MAX_CELL_NAME:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(assign).encode()).hexdigest()[:10]
+        name = f"{name[:MAX_CELL_NAME - 11]}-{digest}"
+    return name
+
+
+IGNORED_KEYS = ("name", "output.dir", "output.overwrite", "train.resume")  # do not change what a cell computes
+
+
+def settings(cfg_dict: dict) -> dict:
+    """A configuration (as a dict) flattened, as JSON would give it back, less what names or places the run."""
+    from .config import flatten
+
+    flat = json.loads(json.dumps(flatten(cfg_dict)))
+    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+
+
+def check_cell(d: Path, label: str, want: dict) -> None:
+    """A cell directory already there must hold the same run: its config.yaml (written when the run starts)
+    agrees with this sweep's configuration of the cell on every key the two share."""
+    import yaml
+
+    saved = d / "config.yaml"
+    if not saved.is_file():
+        return
+    have = settings(yaml.safe_load(saved.read_text()) or {})
+    diff = [f"{k}: {have[k]!r} there, {want[k]!r} here" for k in sorted(have.keys() & want.keys())
+            if have[k] != want[k]]
+    if diff:
+        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+        raise TunelabError(f"the cell {label} was run with other settings ({shown}): remove it, or sweep into "
+                           "another --out", str(d))
 
 
 def cells(axes: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
@@ -112,30 +175,35 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
     if clash:
         raise TunelabError(f"two cells would share the directory {clash[0]}: give the variants distinct names",
                            "sweep")
+    from .config import parse_override
+
+    swept = {k for k, _ in axes if k != VARIANT}
+    for name, items in variants.items():
+        both = sorted(swept & {parse_override(item)[0] for item in items})
+        if both:
+            raise TunelabError(f"{both[0]} is set by the variant {name} and swept by --over: one of them would "
+                               "be lost", f"--variant {name}")
+    if out.exists() and not out.is_dir():
+        raise TunelabError("--out is a file, not a directory", str(out))
     # every cell's configuration is checked before anything runs
-    for assign in grid:
-        load_config(recipe, [*overrides, *overrides_of(assign, variants), f"output.dir={out / cell_name(assign)}"])
+    wanted = [settings(load_config(recipe, [*overrides, *overrides_of(assign, variants),
+                                            f"output.dir={out / cell_name(assign)}"]).to_dict()) for assign in grid]
+    for assign, want in zip(grid, wanted):
+        check_cell(out / cell_name(assign), ", ".join(f"{k}={v}" for k, v in assign), want)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, assign in enumerate(grid, 1):
         d = out / cell_name(assign)
         label = ", ".join(f"{k}={v}" for k, v in assign)
-        cell_overrides = [*overrides, *overrides_of(assign, variants)]
-        if (d / "cell.json").exists() and json.loads((d / "cell.json").read_text()) != cell_overrides:
-            raise TunelabError(f"the cell {label} was run with other overrides "
-                               f"({json.loads((d / 'cell.json').read_text())}): remove it, or sweep into another --out",
-                               str(d))
         if (d / "eval.json").exists():
             print(f"[{i}/{len(grid)}] {label}: finished before", file=sys.stderr)
         else:
             print(f"[{i}/{len(grid)}] {label} -> {d}", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "tunelab.cli", *(["--quiet"] if quiet else []), "train", recipe,
                    *overrides, *overrides_of(assign, variants), f"output.dir={d}"]
-            if (d / "checkpoints").is_dir():
+            if d.is_dir():  # a stopped cell: its last checkpoint, or afresh if it never wrote one
                 cmd.append("--resume")
             proc = subprocess.run(cmd, env={**os.environ}, stderr=subprocess.PIPE, text=True)
-            if d.is_dir() and not (d / "cell.json").exists():
-                atomic.write_json(d / "cell.json", cell_overrides)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
                 raise TunelabError(f"the run {label} failed (exit {proc.returncode}): {last}; fix it and run the "
@@ -160,7 +228,7 @@ def write_table(out: Path, axes: list[tuple[str, list[str]]], rows: list[dict]) 
     def fmt(v) -> str:
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-        return "" if v is None else str(v)
+        return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
 
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]

@@ -61,6 +61,12 @@ def test_train_eval_predict(tmp_path, tiny_model, names_file, mode):
     (tmp_path / "in.jsonl").write_text('{"name": "ava"}\n{"name": "olivia"}\n')
     tunelab("predict", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"))
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+    # a record without the template's field is an error at its line (not its location taken as the text)
+    (tmp_path / "bad.jsonl").write_text('{"name": "ava"}\n{}\n')
+    bad = tunelab("predict", str(run), "--input", str(tmp_path / "bad.jsonl"), check=False)
+    assert bad.returncode == 2 and "bad.jsonl:2" in bad.stderr and "name" in bad.stderr and not bad.stdout
+    isdir = tunelab("predict", str(run), "emma", "--output", str(tmp_path), check=False)
+    assert isdir.returncode == 2 and "is a directory" in isdir.stderr.strip().splitlines()[-1]
 
 
 def test_export_gives_the_same_logits(tmp_path, tiny_model, names_file):
@@ -97,10 +103,18 @@ def _bad(tmp_path, tiny_model, names_file, case):
                      data={"train": str(tmp_path / "d.jsonl"), "unique_by": None, "validation_size": 0},
                      classify={"text": "{t}", "label": "{y}"})
         return [], "d.jsonl:2: empty text"
+    if case in ("empty label", "null label"):
+        rows = [{"t": "a", "y": "1"}, {"t": "b", "y": "2"}, {"t": "c", "y": "" if case == "empty label" else None}]
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_recipe(tmp_path / "r.yaml", tiny_model, names_file, task="classification",
+                     data={"train": str(tmp_path / "d.jsonl"), "unique_by": None, "validation_size": 0},
+                     classify={"text": "{t}", "label": "{y}"})
+        return [], "d.jsonl:3: empty label"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["label outside the label set", "one class", "empty text"])
+@pytest.mark.parametrize("case", ["label outside the label set", "one class", "empty text", "empty label",
+                                  "null label"])
 def test_bad_classification_input(tmp_path, tiny_model, names_file, case):
     args, expected = _bad(tmp_path, tiny_model, names_file, case)
     proc = tunelab("--quiet", "train", str(tmp_path / "r.yaml"), *args, check=False)

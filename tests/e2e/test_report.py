@@ -45,6 +45,28 @@ def test_report_command_rebuilds_and_compares(runs, tmp_path):
     assert "what differs in the configurations" in page and "train.lr" in page
     bad = tunelab("report", str(tmp_path), check=False)
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+    isdir = tunelab("report", *map(str, runs), "--out", str(tmp_path), check=False)
+    assert isdir.returncode == 2 and "is a directory" in isdir.stderr.strip().splitlines()[-1]
+    # two runs in directories of the same name: both curves in every chart, told apart by their paths
+    twins = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for src, dst in zip(runs, twins):
+        shutil.copytree(src, dst)
+    tunelab("report", *map(str, twins), "--out", str(cmp))
+    page = cmp.read_text()
+    assert page.count("<polyline") == 2 * _curves_drawn(runs[0]) and "a/run" in page and "b/run" in page
+
+
+def _curves_drawn(run) -> int:
+    """How many curves a one-run report of ``run`` draws."""
+    return (run / "report.html").read_text().count("<polyline")
+
+
+def test_run_labels_tell_same_named_runs_apart(tmp_path):
+    from tunelab.report import run_labels
+
+    assert run_labels([tmp_path / "x" / "a", tmp_path / "y" / "b"]) == ["a", "b"]
+    assert run_labels([tmp_path / "x" / "run", tmp_path / "y" / "run", tmp_path / "z"]) == ["x/run", "y/run", "z"]
+    assert run_labels([tmp_path / "r", tmp_path / "r"]) == ["r #1", "r #2"]
 
 
 def _chromium() -> str | None:

@@ -80,7 +80,64 @@ def test_variants_are_one_axis_of_named_override_sets(tmp_path, tiny_model, name
     # a variant that changed its overrides is not taken for the finished cell of the same name
     changed = tunelab("sweep", str(recipe), "--variant", "full: train.mode=full train.max_steps=3",
                       "--over", "train.lr=0.001", "--out", str(out), check=False)
-    assert changed.returncode == 2 and "was run with other overrides" in changed.stderr
+    assert changed.returncode == 2
+    assert "was run with other settings (train.max_steps: 2 there, 3 here)" in changed.stderr
+    # a variant and an --over axis that set the same key: an error before anything runs
+    both = tunelab("sweep", str(recipe), "--variant", "a: train.lr=0.1", "--over", "train.lr=0.01",
+                   "--out", str(tmp_path / "both"), check=False)
+    assert both.returncode == 2 and "train.lr is set by the variant a and swept by --over" in both.stderr
+    assert not (tmp_path / "both").exists()
+    (tmp_path / "afile").write_text("")
+    into_file = tunelab("sweep", str(recipe), "--over", "train.lr=0.01", "--out", str(tmp_path / "afile"), check=False)
+    assert into_file.returncode == 2 and "--out is a file" in into_file.stderr.strip().splitlines()[-1]
+
+
+def test_a_cell_killed_before_its_first_checkpoint_restarts_and_a_changed_recipe_is_refused(
+        tmp_path, tiny_model, names_file):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file, train={"max_steps": 2, "batch_size": 4},
+                          eval={"before": False, "max_examples": 4})
+    out = tmp_path / "sweep"
+    args = ["--quiet", "sweep", str(recipe), "--over", "train.lr=0.001,0.002", "--out", str(out)]
+    killed = tunelab(*args, env={"TUNELAB_FAULT": "kill-step:1"}, check=False)
+    assert killed.returncode == 2 and "failed" in killed.stderr
+    assert (out / "lr-0.001" / "config.yaml").exists() and not (out / "lr-0.001" / "checkpoints").exists()
+    tunelab(*args)  # the stopped cell starts afresh: the sweep is not stuck on it
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["train.lr"] for r in rows] == ["0.001", "0.002"] and all(r["value"] is not None for r in rows)
+    # the same --out with the recipe edited: its cells are not taken for this recipe's
+    recipe.write_text(recipe.read_text().replace("max_steps: 2", "max_steps: 3"))
+    edited = tunelab(*args, check=False)
+    assert edited.returncode == 2 and "train.max_steps: 2 there, 3 here" in edited.stderr
+
+
+def test_axis_values_split_at_top_level_commas_only():
+    from tunelab.sweep import parse_axes, split_values
+
+    assert split_values("1,2, 3") == ["1", "2", "3"]
+    assert split_values("[q_proj,v_proj],[all-linear]") == ["[q_proj,v_proj]", "[all-linear]"]
+    assert split_values('"Reverse, please: {name}",Name: {name}') == ['"Reverse, please: {name}"', "Name: {name}"]
+    assert split_values("{a: 1, b: 2},x") == ["{a: 1, b: 2}", "x"]
+    assert parse_axes(["lora.targets=[q_proj,v_proj],[all-linear]"]) == [
+        ("lora.targets", ["[q_proj,v_proj]", "[all-linear]"])]
+
+
+def test_cell_names_stay_short_and_distinct():
+    from tunelab.sweep import MAX_CELL_NAME, cell_name
+
+    a = cell_name([("data.prompt", "x" * 300 + " {name}")])
+    b = cell_name([("data.prompt", "x" * 300 + " {name}!")])
+    assert len(a) <= MAX_CELL_NAME and len(b) <= MAX_CELL_NAME and a != b
+    assert cell_name([("train.lr", "0.001"), ("lora.targets", "[q_proj,v_proj]")]) == \
+        "lr-0.001__targets-_q_proj_v_proj_"
+
+
+def test_the_markdown_table_escapes_pipes(tmp_path):
+    from tunelab.sweep import write_table
+
+    write_table(tmp_path, [("classify.label", ["{name|vowels}"])],
+                [{"classify.label": "{name|vowels}", "metric": "accuracy", "value": 0.5}])
+    row = (tmp_path / "sweep.md").read_text().splitlines()[2]
+    assert "{name\\|vowels}" in row and row.count(" | ") == 6  # 7 cells
 
 
 @pytest.mark.parametrize("variant,expected", [

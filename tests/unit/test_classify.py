@@ -59,6 +59,20 @@ def test_confusion_and_macro_f1_by_hand():
     assert abs(macro_f1(m) - (0.5 + 0.8 + 0.0) / 3) < 1e-9
 
 
+def test_the_printed_confusion_matrix_has_each_count_under_its_class():
+    from tunelab.evaluate import format_confusion
+
+    text = format_confusion({"labels": ["0", "1", "long-name"], "confusion": [[5, 0, 1], [0, 12, 0], [2, 0, 7]]})
+    header, *rows = text.splitlines()
+    assert header.startswith("true \\ predicted")
+    # each count ends where its column's label ends (the labels sit right-aligned after the corner text)
+    ends = [header.index(x, len("true \\ predicted")) + len(x) for x in ("0", "1", "long-name")]
+    assert ends == sorted(ends)
+    for row, counts in zip(rows, ([5, 0, 1], [0, 12, 0], [2, 0, 7])):
+        for end, c in zip(ends, counts):
+            assert row[:end].endswith(str(c)) and row[end:end + 1] in ("", " "), (row, end, c)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer

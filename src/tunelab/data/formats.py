@@ -324,11 +324,19 @@ def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, 
     return [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
 
 
+def _label_of(r: Record, ccfg: ClassifyConfig) -> str:
+    """A record's class: classify.label rendered, never empty (a blank or null label is no class)."""
+    value = render(ccfg.label, r.fields, r.where, "classify.label").strip()
+    if not value:
+        raise TunelabError(f"empty label (classify.label={ccfg.label!r} renders to nothing)", r.where)
+    return value
+
+
 def label_names(records: list[Record], ccfg: ClassifyConfig) -> list[str]:
     """The label set: declared in the recipe, or the training data's labels (numbers in numeric order)."""
     if ccfg.labels is not None:
         return list(ccfg.labels)
-    values = {render(ccfg.label, r.fields, r.where, "classify.label").strip() for r in records}
+    values = {_label_of(r, ccfg) for r in records}
     numeric = all(v.lstrip("-").isdigit() for v in values)
     return sorted(values, key=lambda v: (int(v), v) if numeric else (0, v))
 
@@ -344,7 +352,7 @@ def encode_classification(records: list[Record], tok, cfg: DataConfig, ccfg: Cla
     for r, text, ids in zip(records, texts, ids_all):
         if not text.strip():
             raise TunelabError("empty text: nothing to classify", r.where)
-        value = render(ccfg.label, r.fields, r.where, "classify.label").strip()
+        value = _label_of(r, ccfg)
         if value not in index:
             shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
             raise TunelabError(f"label {value!r} is not in the label set ({shown})", r.where)
