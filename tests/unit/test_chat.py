@@ -109,6 +109,45 @@ def test_model_template_masks(smol_tok):
     assert (ex.input_ids, ex.labels) == (ids, labels)
 
 
+def _sentencepiece_like_tokenizer(corpus: str = "user\nassistant\nhello bye yes no What is it? Be brief."):
+    """A Metaspace tokenizer (prepend_scheme="first", as Llama-2 and Mistral fast tokenizers are): it writes
+    a leading ▁ at the start of a text, so a piece tokenized on its own differs from the same text inside
+    the whole conversation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.train_from_iterator([corpus] * 50, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def test_masks_cut_the_whole_conversation_for_a_sentencepiece_like_tokenizer():
+    """The training tokens are the whole rendering's (what chat and evaluation feed the model), each
+    assistant turn supervised exactly, the last turn's prompt tokenized as it is on its own."""
+    sp = _sentencepiece_like_tokenizer()
+    conv = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bye"},
+            {"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "yes"}]
+    (ex,), _ = encode(sp, [{"messages": conv}], template="chatml")
+    whole = chat.render(chat.resolve_template("chatml", sp), conv, False, sp, "x")
+    assert ex.input_ids == sp(whole.rstrip("\n"), add_special_tokens=False)["input_ids"]
+    sup = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert sp.decode(sup) == "bye<|im_end|>yes<|im_end|>"
+    assert not sp.convert_ids_to_tokens(sup)[0].startswith("\u2581")  # no spurious leading space to learn
+    prompt = chat.render(chat.resolve_template("chatml", sp), conv[:3], True, sp, "x")
+    assert ex.input_ids[:ex.prompt_len] == sp(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_that_joins_prompt_and_answer_into_one_token_is_refused():
+    sp = _sentencepiece_like_tokenizer("assistant\nbye user\nhello")  # learns the token "t\nb"
+    conv = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bye"}]
+    with pytest.raises(TunelabError, match="joins text across the start or the end of an assistant turn"):
+        encode(sp, [{"messages": conv}], template="chatml")
+
+
 def test_train_on_last_and_all(tok):
     (last,), _ = encode(tok, [{"messages": CONV}], template="chatml", train_on="last_assistant")
     (every,), _ = encode(tok, [{"messages": CONV}], template="chatml", train_on="all")

@@ -9,7 +9,9 @@ rendered prefix by prefix. For assistant message i, ``render(messages[:i], add_g
 ends where the assistant's tokens begin and ``render(messages[:i + 1])`` ends where they stop (the
 end-of-turn token included, so the model learns to stop). Each rendering must be a prefix of the next;
 a template for which that fails is refused, because its masks would be wrong. The pieces between those
-boundaries are tokenized one by one, so a prompt is tokenized exactly as it is at inference time.
+boundaries are tokenized as parts of the whole rendering, exactly as a prompt is tokenized at inference
+time (``piece_ids``): for tokenizers that treat the start of a text specially (SentencePiece's leading
+``▁``) that is not the same as tokenizing each piece on its own.
 """
 
 from __future__ import annotations
@@ -302,11 +304,36 @@ def segment(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> Segmen
         i for i, m in enumerate(messages) if m["role"] == "assistant")]["content"])
 
 
+def piece_ids(texts: list[str], tok, where: str, tmpl_name: str) -> list[list[int]]:
+    """The token ids of each piece of a rendered conversation, cut from the tokenization of the whole of it:
+    the tokens before a piece boundary are those of the text up to it tokenized on its own (what a prompt
+    ending there is at inference time). Pieces tokenized one by one give the same ids for most tokenizers
+    (byte-level BPE), and are then taken as they are; a tokenizer that joins text across a boundary into one
+    token cannot be cut there, and is refused."""
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    joined = "".join(texts)
+    whole = tok(joined, add_special_tokens=False)["input_ids"]
+    if [t for piece in enc for t in piece] == whole:
+        return enc
+    ends, at = [], 0
+    for t in texts[:-1]:
+        at += len(t)
+        ends.append(at)
+    counts = []
+    for end, prefix in zip(ends, tok([joined[:e] for e in ends], add_special_tokens=False)["input_ids"]):
+        if whole[: len(prefix)] != prefix:
+            raise TunelabError(f"the tokenizer joins text across the start or the end of an assistant turn (at "
+                               f"{joined[max(0, end - 12):end + 12]!r}), so that turn's tokens cannot be told from "
+                               f"the prompt's exactly (chat template {tmpl_name}; try another chat.template)", where)
+        counts.append(len(prefix))
+    return [whole[a:b] for a, b in zip([0, *counts], [*counts, len(whole)])]
+
+
 def tokenize_segments(seg: Segments, tok, train_on: str, stop_id: int | None, where: str,
                       tmpl_name: str) -> tuple[list[int], list[int], int]:
     """input_ids, labels, and the number of tokens before the last assistant turn (its prompt)."""
     texts = [t for t, _ in seg.pieces]
-    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    enc = piece_ids(texts, tok, where, tmpl_name)
     first = [t for piece in enc[:2] for t in piece][:2]
     bos = tok.bos_token_id
     if bos is not None and first == [bos, bos]:
