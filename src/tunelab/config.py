@@ -581,6 +581,22 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         value = ev.get(key) if isinstance(ev, dict) else None
         if isinstance(value, str) and value.endswith(_FILE_SUFFIXES):  # a file, not a built-in task's name
             ev[key] = str((base / os.path.expanduser(value)).resolve())
+    chat = raw.get("chat")
+    if isinstance(chat, dict):
+        chat["template"] = _template_file(chat.get("template"), base)
+
+
+def _template_file(value: Any, base: Path) -> Any:
+    """chat.template naming a Jinja file relative to ``base`` (the recipe's folder; the working directory
+    for an override) -> its absolute path, so that the run finds it from anywhere. Anything else stays as
+    written: a template's name, or a path that is not a file there (a run's saved config.yaml keeps a path
+    written before paths were resolved, relative to the working directory as it was then)."""
+    from .data.chat import SHIPPED
+
+    if not isinstance(value, str) or value in ("auto", "model", *SHIPPED):
+        return value
+    path = base / os.path.expanduser(value)
+    return str(path.resolve()) if path.is_file() else value
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -631,6 +647,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
         if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
             raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
+        if key == "chat.template":
+            raw["chat"]["template"] = _template_file(value, cwd)
         if key == "sni.dir" and isinstance(value, str):
             raw["sni"]["dir"] = str((cwd / os.path.expanduser(value)).resolve())
     cfg = _build(Config, raw, "", loc)

@@ -307,3 +307,30 @@ def test_chat_recipe_keys(tmp_path):
     assert cfg.chat.template == "chatml" and cfg.chat.train_on == "last_assistant"
     with pytest.raises(TunelabError, match="chat.train_on: must be one of"):
         load_config(p, ["chat.train_on=assistant"])
+
+
+def test_a_template_file_is_found_next_to_the_recipe_from_any_directory(tmp_path, monkeypatch):
+    from tunelab.train.loop import data_fingerprint, data_fingerprints
+
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "recipe" / "t.jinja").write_text(chat.CHATML)
+    p = tmp_path / "recipe" / "r.yaml"
+    p.write_text("task: chat\ndata: {train: c.jsonl}\nchat: {template: t.jinja, stop: '<|im_end|>'}\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(p)
+    assert cfg.chat.template == str((tmp_path / "recipe" / "t.jinja").resolve())  # saved so with the run
+    (tmp_path / "elsewhere" / "o.jinja").write_text(chat.CHATML)
+    assert load_config(p, ["chat.template=o.jinja"]).chat.template == str(tmp_path / "elsewhere" / "o.jinja")
+    assert load_config(p, ["chat.template=llama3"]).chat.template == "llama3"
+    # a path that is no file there stays as written (a run's config.yaml saved before paths were resolved)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(p.read_text().replace("t.jinja", "old.jinja"))
+    assert load_config(tmp_path / "run").chat.template == "old.jinja"
+    # a checkpoint written when the run kept the path as written (relative to where it ran) still resumes
+    monkeypatch.chdir(tmp_path / "recipe")
+    import dataclasses
+
+    as_written = dataclasses.replace(cfg, chat=dataclasses.replace(cfg.chat, template="t.jinja"))
+    assert data_fingerprint(as_written, 10) in data_fingerprints(cfg, 10)
+    assert data_fingerprint(cfg, 10) in data_fingerprints(cfg, 10)

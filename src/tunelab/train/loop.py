@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -188,6 +189,17 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
     if cfg.sni.dir is not None:
         key["sni"] = dataclasses.asdict(cfg.sni)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprints(cfg: Config, n_train: int) -> set[str]:
+    """data_fingerprint, and the one a checkpoint written before chat.template files were resolved to absolute
+    paths holds (the path as it was written, relative to the working directory)."""
+    found = {data_fingerprint(cfg, n_train)}
+    template = cfg.chat.template
+    if cfg.task == "chat" and os.path.isabs(template):
+        legacy = dataclasses.replace(cfg, chat=dataclasses.replace(cfg.chat, template=os.path.relpath(template)))
+        found.add(data_fingerprint(legacy, n_train))
+    return found
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -504,7 +516,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             shutil.rmtree(run)
     else:
         saved, opt_state, rng, state = ckpt.load_checkpoint(resume_from)
-        if state.get("data_fingerprint", fingerprint) != fingerprint:
+        if state.get("data_fingerprint", fingerprint) not in data_fingerprints(cfg, len(train_ex)):
             raise TunelabError("the checkpoint was trained on other data, split or batching (data, seed, "
                                "batch_size, grad_accum or model changed): resume with the run's own config.yaml "
                                "or start a new run", str(resume_from))
