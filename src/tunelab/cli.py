@@ -357,9 +357,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
     if args.min_score is not None and not (args.verifier or args.critic):
         raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise TunelabError("output file exists (--force replaces it)", str(out))
+    out = output_file(args.out, args.force)
     verifier = load_verifier(args.verifier) if args.verifier else None
     if args.critic and not (Path(args.critic) / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", args.critic)
@@ -400,6 +398,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_file(spec: str, force: bool) -> Path:
+    """A file to write when the work is done, checked before it starts (generating can take hours)."""
+    out = Path(spec)
+    if out.is_dir():
+        raise TunelabError("is a directory: give a file to write", str(out))
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TunelabError(f"cannot be written: {parent} is a file, not a directory", str(out))
+    if out.exists() and not force:
+        raise TunelabError("output file exists (--force replaces it)", str(out))
+    return out
+
+
 def generation_model(target_spec: str, device: str):
     """The model and tokenizer of a run directory (adapters merged), or a model by alias, directory or id."""
     from .config import ModelConfig, load_config
@@ -423,14 +434,14 @@ def self_instruct_command(args: argparse.Namespace) -> int:
     from .gen_data import write_rows
     from .selfinstruct import read_seeds, self_instruct
 
-    if args.recipe or args.input or args.verifier or args.critic or args.n != 1:
-        raise TunelabError("--self-instruct builds its own prompts: drop --recipe/--input/--verifier/--critic/--n",
-                           "generate")
+    if (args.recipe or args.input or args.verifier or args.critic or args.n != 1 or args.overrides
+            or args.limit is not None or args.min_score is not None or args.split != "train"
+            or args.prompt_field != "prompt"):
+        raise TunelabError("--self-instruct builds its own prompts: drop --recipe/--input/--verifier/--critic/--n/"
+                           "--limit/--min-score/--split/--prompt-field and key=value overrides", "generate")
     if args.rounds < 1 or args.per_round < 1 or not 0 < args.similarity <= 1:
         raise TunelabError("--rounds and --per-round must be at least 1, --similarity in (0, 1]", "generate")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise TunelabError("output file exists (--force replaces it)", str(out))
+    out = output_file(args.out, args.force)
     seeds = read_seeds(args.self_instruct)
     model, tok = generation_model(args.target, args.device)
     temperature = 0.7 if args.temperature is None else args.temperature

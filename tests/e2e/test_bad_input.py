@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import tunelab, write_recipe
 
+SEEDS = str(Path(__file__).resolve().parents[2] / "data" / "seed_tasks.jsonl")  # the shipped seed tasks
 
 class Case:
     """Files for one case: the command line, the expected message, and paths that must not appear."""
@@ -237,6 +238,21 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
             lambda: ["generate", str(c.model), "--self-instruct",
                      str(c.jsonl([{"instruction": "Say hi.", "output": "hi"}], "seeds.jsonl")),
                      "--out", str(c.tmp / "pool.jsonl")], "needs at least 2 seed tasks"),
+        "generate: self-instruct with options it would ignore": (
+            lambda: ["generate", str(c.model), "--self-instruct", SEEDS, "--limit", "1",
+                     "--out", str(c.tmp / "pool.jsonl")], "--self-instruct builds its own prompts"),
+        "generate: --out a directory (found before generating)": (
+            lambda: ["generate", str(c.model), "--recipe", c.train()[1], "--out", str(_mkdir(c.tmp / "outdir")),
+                     "--force"], "outdir: is a directory: give a file to write"),
+        "generate: --out inside a file (found before generating)": (
+            lambda: ["generate", str(c.model), "--self-instruct", SEEDS, "--out",
+                     str(_write(c.tmp / "afile", "x") / "pool.jsonl")], "afile is a file, not a directory"),
+        "instruct: a task weight under proportional mixing": (
+            lambda: c.train(instruct={"tasks": [{"builtin": "reverse", "weight": 8}, {"builtin": "length"}]}),
+            "instruct.tasks[reverse].weight: weight 8 has no effect with instruct.mixing: proportional"),
+        "instruct: held-out evaluation with nothing held out": (
+            lambda: c.train(instruct={"tasks": [{"builtin": "length"}], "eval_templates": "held_out"}),
+            "instruct.eval_templates: no task has a held-out template or task to evaluate"),
         "sni: a task file without a Definition": (
             lambda: c.sni({"Instances": [{"input": "a", "output": ["b"]}]}), 'bad.json: missing "Definition"'),
         "sni: an instance without outputs": (

@@ -130,6 +130,12 @@ def resolve_tasks(cfg: Config) -> list[Task]:
     trained = [t for t in tasks if t.name not in ic.held_out_tasks]
     if not trained:
         raise TunelabError("every task is held out: nothing to train on", "instruct.held_out_tasks")
+    if ic.mixing == "proportional":
+        weighted = next((t for t in trained if t.cfg.weight != 1.0), None)
+        if weighted is not None:
+            raise TunelabError(f"weight {weighted.cfg.weight:g} has no effect with instruct.mixing: proportional "
+                               "(each task gives min(its records, cap)): set instruct.mixing: weighted, or drop "
+                               "the weight", f"{weighted.key}.weight")
     if ic.mixing == "weighted" and sum(t.cfg.weight for t in trained) <= 0:
         raise TunelabError("all mixture weights are zero: nothing to train on", "instruct.tasks")
     if ic.cap is not None and ic.cap < 1:
@@ -226,6 +232,12 @@ def instruct_pairs(cfg: Config, records_of) -> tuple[dict[str, list], dict[str, 
                     p.held_out = tmpl.held_out or held_task
                     pairs.append(p)
         out[split] = pairs
+    if ic.eval_templates != "all" and not (out["validation"] or out["test"]) and any(
+            records[t.name]["validation"] or records[t.name]["test"] for t in tasks):
+        raise TunelabError(f"no task has a {'held-out' if ic.eval_templates == 'held_out' else 'trained'} "
+                           "template or task to evaluate: nothing would be scored (hold some out with "
+                           "held_out_templates or held_out_tasks, or set instruct.eval_templates: all)",
+                           "instruct.eval_templates")
     for t in tasks:  # what is held out must be scored somewhere
         held = [tm.name for tm in t.templates if tm.held_out] if t.name not in ic.held_out_tasks else [t.name]
         if held and not (records[t.name]["validation"] or records[t.name]["test"]):
