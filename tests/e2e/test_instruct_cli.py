@@ -91,6 +91,28 @@ def test_model_generated_alpaca_data_trains_a_model(tmp_path, tiny_model, names_
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_a_pool_re_answered_through_the_alpaca_recipe_trains(tmp_path, tiny_model):
+    """The README's re-answering commands: generate --recipe recipes/alpaca_sft.yaml renders instruction and
+    input as the Alpaca prompt; training takes the new answers from completion."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recipe, seeds = root / "recipes" / "alpaca_sft.yaml", root / "data" / "seed_tasks.jsonl"
+    answers = tmp_path / "answers.jsonl"
+    tunelab("--quiet", "generate", str(tiny_model), "--recipe", str(recipe), f"data.train={seeds}",
+            "data.validation_size=0", "--max-new-tokens", "4", "--out", str(answers))
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 14 and all("### Instruction:\n" + r["instruction"] in r["prompt"] for r in rows)
+    assert all("### Input:\n" + r["input"] in r["prompt"] for r in rows if r["input"])
+    rows = [{**r, "completion": r["completion"].strip() or "x"} for r in rows]  # a random tiny model may say nothing
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = tunelab("train", str(recipe), f"model={tiny_model}", f"data.train={answers}",
+                   "data.columns.output=completion", "train.max_steps=2", "eval.before=false",
+                   "eval.max_new_tokens=4", f"output.dir={tmp_path / 'run'}")
+    assert "data: 11 train, 3 validation" in proc.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_self_instruct_runs_end_to_end(tmp_path, tiny_model):
     pool = tmp_path / "pool.jsonl"
     proc = tunelab("generate", str(tiny_model), "--self-instruct", "data/seed_tasks.jsonl", "--out", str(pool),
