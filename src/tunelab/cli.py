@@ -56,6 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     target = Path(args.target)
+    if args.out:
+        output_file(args.out, force=True)  # a bad --out is found before evaluating, not after
     is_run = target.is_dir() and (target / "config.yaml").exists()
     if target.is_dir() and not is_run:
         raise TunelabError("not a run directory (no config.yaml) nor a recipe file", str(target))
@@ -72,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                f"({', '.join(labels[:8])})", str(target))
     else:
         model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
-    check_probes(cfg, examples)
+    check_probes(cfg, examples, tok)
     warn_budget(cfg, tok, examples, args.quiet)
     base = None
     if args.base:
@@ -278,6 +280,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .generate import generate
     from .models import load_model, load_trained
 
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)
     target = Path(args.target)
     system = args.system
     stop_token = None
@@ -349,6 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            "or --self-instruct SEEDS", "generate")
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise TunelabError("--n, --max-new-tokens, --batch-size and --limit must be at least 1", "generate")
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)
     if args.verifier and args.critic:
         raise TunelabError("give one critic: --verifier or --critic, not both", "generate")
     if args.input and (args.overrides or args.split != "train"):
@@ -398,6 +402,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Sampling options, checked before a model is loaded."""
+    import math
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise TunelabError(f"--temperature must be 0 (greedy) or more, got {temperature}", "--temperature")
+    if not 0 < top_p <= 1:
+        raise TunelabError(f"--top-p must be in (0, 1], got {top_p}", "--top-p")
+    if max_new_tokens < 1:
+        raise TunelabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}", "--max-new-tokens")
+
+
 def output_file(spec: str, force: bool) -> Path:
     """A file to write when the work is done, checked before it starts (generating can take hours)."""
     out = Path(spec)
@@ -441,11 +457,12 @@ def self_instruct_command(args: argparse.Namespace) -> int:
                            "--limit/--min-score/--split/--prompt-field and key=value overrides", "generate")
     if args.rounds < 1 or args.per_round < 1 or not 0 < args.similarity <= 1:
         raise TunelabError("--rounds and --per-round must be at least 1, --similarity in (0, 1]", "generate")
+    temperature = 0.7 if args.temperature is None else args.temperature
+    max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+    check_sampling(temperature, args.top_p, max_new_tokens)
     out = output_file(args.out, args.force)
     seeds = read_seeds(args.self_instruct)
     model, tok = generation_model(args.target, args.device)
-    temperature = 0.7 if args.temperature is None else args.temperature
-    max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
     rows, stats = self_instruct(model, tok, seeds, args.rounds, args.per_round, threshold=args.similarity,
                                 temperature=temperature, top_p=args.top_p, max_new_tokens=max_new_tokens,
                                 batch_size=args.batch_size, seed=args.seed,

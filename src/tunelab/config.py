@@ -777,6 +777,7 @@ def _check(cfg: Config, loc: _Located) -> None:
     if e.display:
         check_template(e.display, loc.of("eval.display"))
     need(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1")
+    need(e.max_examples is None or e.max_examples >= 1, "eval.max_examples", "must be at least 1 (or null: all)")
     need(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
 
 

@@ -13,6 +13,7 @@ valid ones), ``match`` (contains (default) | exact | rouge), and optional ``kind
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,10 @@ def trained_templates(cfg: Config) -> set[tuple[str, str]]:
     return set()
 
 
-def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True) -> list:
+def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True, quiet: bool = True) -> list:
     """The evaluation items (distinct source records), each rendered under every variation
-    (``tokenize=False``: the pairs only, to check that they render)."""
+    (``tokenize=False``: the pairs only, to check that they render). Every template is scored on the same
+    items: an item too long for data.max_length under some template is left out of all of them (said)."""
     import random
 
     from .data.formats import encode
@@ -92,7 +94,19 @@ def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True) 
     if not tokenize:
         return pairs
     out, _ = encode(pairs, tok, cfg.data, "variations")
-    return out
+    templates = {p.group for p in pairs}
+    fits: dict[str, set] = {}
+    for e in out:
+        fits.setdefault(e.where, set()).add(e.group)
+    keep = {w for w, groups in fits.items() if groups == templates}
+    if not keep:
+        raise TunelabError(f"no evaluation item fits data.max_length={cfg.data.max_length} under every template "
+                           "(raise data.max_length)", "eval.variations")
+    if len(keep) < len(records) and not quiet:
+        print(f"prompt variations: {len(records) - len(keep)} of {len(records)} items are longer than "
+              f"data.max_length={cfg.data.max_length} under some template: scored on the other {len(keep)}",
+              file=sys.stderr, flush=True)
+    return [e for e in out if e.where in keep]
 
 
 @dataclass

@@ -234,6 +234,22 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
         "eval: a control set in an unknown format": (
             lambda: c.train(eval={"control": str(c.jsonl([{"question": "2+2?", "expected": "4"}], "ctl.jsonl"))}),
             "ctl.jsonl:1: unknown control item format"),
+        "eval: a control conversation the tokenizer cannot template (found before training)": (
+            lambda: c.train("eval.before=false", eval={"control": str(c.jsonl(
+                [{"messages": [{"role": "user", "content": "Hi?"}], "expected": "hi"}], "ctl.jsonl"))}),
+            "chat.template: template chatml needs the special tokens <|im_start|>, <|im_end|>"),
+        "generate: a top-p outside (0, 1] (found before loading the model)": (
+            lambda: ["generate", str(c.model), "--input", str(c.jsonl([{"prompt": "hi"}], "p.jsonl")), "--top-p",
+                     "1.5", "--temperature", "0.7", "--out", str(c.tmp / "g.jsonl")], "--top-p must be in (0, 1]"),
+        "generate: a negative temperature": (
+            lambda: ["generate", str(c.model), "--input", str(c.jsonl([{"prompt": "hi"}], "p.jsonl")),
+                     "--temperature", "-1", "--out", str(c.tmp / "g.jsonl")], "--temperature must be 0 (greedy)"),
+        "cli: eval --out a directory (found before evaluating)": (
+            lambda: ["eval", str(c.fake_run()), "--out", str(_mkdir(c.tmp / "outdir"))],
+            "outdir: is a directory: give a file to write"),
+        "eval: max_examples below 1": (lambda: c.train("eval.max_examples=0"), "eval.max_examples: must be at least 1"),
+        "eval: a split the data does not have": (lambda: c.train("eval.split=test"),
+                                                 "eval.split: the data has no test split to evaluate"),
         "generate: self-instruct with one seed": (
             lambda: ["generate", str(c.model), "--self-instruct",
                      str(c.jsonl([{"instruction": "Say hi.", "output": "hi"}], "seeds.jsonl")),

@@ -147,3 +147,21 @@ def test_resuming_another_runs_checkpoint(tmp_path, tiny_model, names_file):
                   quiet=True)
     assert json.loads((c / "before.json").read_text())["val_loss"] != 123.0
     assert [row["step"] for row in _metrics(c)] == [3, 4]
+
+
+def test_a_resume_with_other_evaluation_settings_scores_the_base_model_again(tmp_path, tiny_model, names_file):
+    """before and after compare alike: a resumed run whose evaluation examples changed scores its base again."""
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    base = ["train.checkpoint_every=1", "eval.max_new_tokens=3"]
+    run = tunelab.train(load_config(r, [*base, "train.max_steps=2", "eval.max_examples=6"]), quiet=True)
+    assert json.loads((run / "before.json").read_text())["n"] == 6
+    run = tunelab.train(load_config(r, [*base, "train.max_steps=3", "eval.max_examples=4"]), resume=True, quiet=True)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["steps"] == 3 and result["n"] == 4 and result["before"]["n"] == 4
+    saved = json.loads((run / "before.json").read_text())
+    assert saved["n"] == 4 and "eval_key" in saved
+    # the same settings again: the saved base scores are reused (the key is not part of the results)
+    (run / "before.json").write_text(json.dumps({**saved, "exact_match": 0.123}))
+    run = tunelab.train(load_config(r, [*base, "train.max_steps=4", "eval.max_examples=4"]), resume=True, quiet=True)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["before"]["exact_match"] == 0.123 and "eval_key" not in result["before"]

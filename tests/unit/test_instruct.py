@@ -363,6 +363,31 @@ def test_variations_from_a_file(tmp_path):
         load_variations(str(f))
 
 
+def test_every_variation_is_scored_on_the_same_items(tmp_path, tiny_model, capsys):
+    """An item too long for data.max_length under one template is left out of every template (and said)."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.formats import Example
+    from tunelab.probes import variation_examples
+
+    f = tmp_path / "v.yaml"
+    f.write_text("- {name: short, prompt: 'Flip {name}:', completion: ' {name|reverse}'}\n"
+                 "- {name: long, prompt: 'Please write the letters of {name}, {name}, {name} backwards:', "
+                 "completion: ' {name|reverse}'}\n")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    names = ["ab", "emma", "christopherson", "bo"]
+    items = [Example([1], [-100], n, n[::-1], f"n.txt:{i + 1}", record={"name": n}) for i, n in enumerate(names)]
+    longest = len(tok("Please write the letters of christopherson, christopherson, christopherson backwards:")
+                  ["input_ids"])
+    cfg = load_config(None, ["data.train=n.txt", f"eval.variations={f}", f"data.max_length={longest}"])
+    out = variation_examples(cfg, tok, items, quiet=False)
+    by = Counter(e.group for e in out)
+    assert by == {"variations/v/short": 3, "variations/v/long": 3}  # christopherson fits "short" only: out of both
+    assert {e.where for e in out} == {"n.txt:1", "n.txt:2", "n.txt:4"}
+    assert "1 of 4 items are longer than data.max_length" in capsys.readouterr().err
+    assert len(variation_examples(load_config(None, ["data.train=n.txt", f"eval.variations={f}"]), tok, items)) == 8
+
+
 def test_control_items_and_their_errors(tmp_path):
     from tunelab.probes import load_control
 

@@ -60,6 +60,12 @@ def test_task_level_splits_and_valid_outputs(tmp_path):
     assert held.held_out and held.references == ["liam", "noah"] and held.prompt.endswith("Input: liam, noah\nOutput:")
     assert report["eval_tasks"] == {"unseen": 1} and set(report["train_tasks"]) == {"train_a", "train_b"}
     assert all(p.completion in (" ava", " aim") for p in pairs["train"])
+    # eval.max_examples caps each held-out task's instances, as it caps each instruction task's
+    cfg = load_config(None, [f"sni.dir={d}", "sni.eval_tasks=[train_a,unseen]", "sni.train_tasks=[train_b]",
+                             "sni.positive=1", "eval.max_examples=1"])
+    pairs, report = sni_pairs(cfg)
+    assert len(TASK["Instances"]) > 1 and report["eval_tasks"] == {"train_a": 1, "unseen": 1}
+    assert len(pairs["validation"]) == 2
 
 
 def test_several_valid_outputs_score_as_the_best_match(monkeypatch):

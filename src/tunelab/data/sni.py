@@ -185,15 +185,16 @@ def sni_pairs(cfg: Config) -> tuple[dict[str, list], dict[str, Any]]:
             pair.group = f"{name}/train"
             train.append(pair)
     held = []
+    per_task = min(sc.eval_instances, cfg.eval.max_examples or sc.eval_instances)  # eval.max_examples: per task
     for name in sc.eval_tasks:
         t = tasks[name]
-        for inst in t.instances[: sc.eval_instances]:
+        for inst in t.instances[:per_task]:
             pair = Pair(encode_prompt(t, inst.input, sc), " " + inst.outputs[0].strip(), inst.where,
                         {"task": name, "input": inst.input})
             pair.group, pair.held_out, pair.references = f"{name}/unseen", True, list(inst.outputs)
             held.append(pair)
     report = {"train_tasks": {n: min(len(tasks[n].instances), sc.train_instances or 10**9) for n in train_names},
-              "eval_tasks": {n: min(len(tasks[n].instances), sc.eval_instances) for n in sc.eval_tasks},
+              "eval_tasks": {n: min(len(tasks[n].instances), per_task) for n in sc.eval_tasks},
               "encoding": {"definition": sc.definition, "positive": sc.positive, "negative": sc.negative,
                            "explanations": sc.explanations}}
     return {"train": train, "validation": held, "test": []}, report

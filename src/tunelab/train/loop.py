@@ -65,6 +65,9 @@ def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list
     name = cfg.eval.split
     if name == "auto":
         name = "test" if splits["test"] else "validation"
+    elif not splits[name] and any(splits[s] for s in ("validation", "test")):
+        raise TunelabError(f"the data has no {name} split to evaluate (data.{name}_size or data.{name} gives it "
+                           "one; eval.split=auto takes the one there is)", "eval.split")
     examples = splits[name]
     if cfg.eval.max_examples is not None and not cfg.instruct.tasks and cfg.sni.dir is None:  # capped per task
         examples = examples[: cfg.eval.max_examples]
@@ -191,6 +194,18 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def before_key(cfg: Config, split: str, examples: list[Example]) -> str:
+    """What the base model's scores depend on besides its weights: the evaluation settings and examples. A
+    resumed run scores the base model again when they changed, so that before and after compare alike."""
+    import hashlib
+
+    e = cfg.eval
+    key = {"eval": [e.generate, e.max_new_tokens, e.display, e.variations, e.control], "split": split,
+           "examples": [x.where for x in examples],
+           "chat": dataclasses.asdict(cfg.chat) if cfg.task == "chat" else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def data_fingerprints(cfg: Config, n_train: int) -> set[str]:
     """data_fingerprint, and the one a checkpoint written before chat.template files were resolved to absolute
     paths holds (the path as it was written, relative to the working directory)."""
@@ -280,7 +295,7 @@ def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> 
     out: dict[str, Any] = {}
     progress = not quiet and sys.stderr.isatty()
     if cfg.eval.variations and examples:
-        var_ex = probes.variation_examples(cfg, tok, examples)
+        var_ex = probes.variation_examples(cfg, tok, examples, quiet=quiet)
         res = generation_metrics(model, tok, var_ex, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress=progress)
         out["variations"] = res["by_task"]["variations"]
     if cfg.eval.control:
@@ -288,9 +303,10 @@ def probe_run(model, tok, cfg: Config, examples: list[Example], quiet: bool) -> 
     return out
 
 
-def check_probes(cfg: Config, examples: list[Example] | None = None) -> None:
+def check_probes(cfg: Config, examples: list[Example] | None = None, tok=None) -> None:
     """Read the variations and the control set up front, so that a bad one fails before training
-    (the variations are rendered on the first evaluation item, so a missing field shows now)."""
+    (the variations are rendered on the first evaluation item, so a missing field shows now; with the
+    tokenizer, the control set's conversations are rendered with the chat template)."""
     from .. import probes
 
     if cfg.eval.variations:
@@ -302,7 +318,14 @@ def check_probes(cfg: Config, examples: list[Example] | None = None) -> None:
     if cfg.eval.control:
         if cfg.task == "classification":
             raise TunelabError("a control set is scored by generation: not for classification tasks", "eval.control")
-        probes.load_control(cfg.eval.control)
+        items = probes.load_control(cfg.eval.control)
+        convos = [it for it in items if not isinstance(it.prompt, str)]
+        if convos and tok is not None:
+            from ..data import chat
+
+            tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
+            for it in convos:
+                chat.render(tmpl, it.prompt, True, tok, it.where)
 
 
 def warn_budget(cfg: Config, tok, examples: list[Example], quiet: bool) -> None:
@@ -433,7 +456,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     train_ex = splits["train"]
     split_name, eval_ex = eval_split(cfg, splits)
     val_ex = splits["validation"]
-    check_probes(cfg, eval_ex)
+    check_probes(cfg, eval_ex, tok)
     tracker_names = tracking.check(cfg.output.report_to)
     amp_dtype = mixed_precision(cfg, resolve_device(cfg.model.device))
     weights_cfg = dataclasses.replace(cfg.model, dtype="float32") if amp_dtype else cfg.model
@@ -474,9 +497,14 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
 
     before = None
     before_path = run / "before.json"
+    scored_on = before_key(cfg, split_name, eval_ex)
     if own and before_path.exists():  # this run's own base evaluation (not another run's, being replaced)
         before = json.loads(before_path.read_text())
-    elif cfg.eval.before and d.main:
+        if before.pop("eval_key", scored_on) != scored_on:  # (a file written before the key: taken as it is)
+            say("the evaluation settings or examples changed since the base model was scored: scoring it again",
+                quiet)
+            before = None
+    if before is None and cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
             before = evaluate_run(model, tok, cfg, eval_ex, val_ex, quiet, labels, amp)
@@ -567,8 +595,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             from ..report import data_samples
 
             atomic.write_json(run / "data_samples.json", data_samples(train_ex, tok))
-        if before is not None and not before_path.exists():
-            atomic.write_json(before_path, before)
+        if before is not None:
+            atomic.write_json(before_path, {**before, "eval_key": scored_on})
     trackers = Trackers(tracker_names, run, cfg.to_dict(), cfg.name) if d.main and tracker_names else None
     d.barrier()
 
