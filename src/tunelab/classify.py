@@ -116,12 +116,19 @@ def read_head_meta(src_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+EXPORT_PAD = "<|tunelab_pad|>"
+
+
 def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, tokenizer) -> None:
     """Write a transformers *ForSequenceClassification directory with the same logits.
 
     transformers pools the rightmost token that is not the pad token and its score layer has no bias,
-    so export needs last-token pooling and no bias; LoRA is merged first.
+    so export needs last-token pooling and no bias; LoRA is merged first. Where the pad token is also a
+    token that texts hold (pad == eos, as SmolLM2's), a text ending in it would be pooled one token early:
+    the export gets a pad token of its own (EXPORT_PAD, one embedding row more, never attended to).
     """
+    import copy
+
     from transformers import AutoModelForSequenceClassification
 
     if clf.pooling != "last":
@@ -135,6 +142,10 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
     config.id2label = dict(enumerate(clf.labels))
     config.label2id = {name: i for i, name in enumerate(clf.labels)}
     config.pad_token_id = tokenizer.pad_token_id
+    shared = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id} - {None}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in shared:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens({"pad_token": EXPORT_PAD})
     try:
         model = AutoModelForSequenceClassification.from_config(config)
     except ValueError as e:
@@ -147,5 +158,9 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
         raise TunelabError(f"cannot map the body's weights onto {type(model).__name__}", "model.name")
     with torch.no_grad():
         model.score.weight.copy_(clf.head.weight.to(model.score.weight.dtype))
+    if tokenizer.pad_token_id != config.pad_token_id:  # the export's own pad token
+        if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(tokenizer.pad_token_id + 1, mean_resizing=False)
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

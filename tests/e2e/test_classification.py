@@ -69,18 +69,35 @@ def test_train_eval_predict(tmp_path, tiny_model, names_file, mode):
     assert isdir.returncode == 2 and "is a directory" in isdir.stderr.strip().splitlines()[-1]
 
 
-def test_export_gives_the_same_logits(tmp_path, tiny_model, names_file):
+@pytest.mark.parametrize("pad", ["own", "eos"])
+def test_export_gives_the_same_logits(tmp_path, tiny_model, names_file, pad):
+    """pad == eos (SmolLM2's tokenizer) with texts ending in EOS: transformers pools the rightmost token that
+    is not the pad token, so the export gets a pad token of its own."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    model, text = tiny_model, "Name: {name}"
+    if pad == "eos":
+        import shutil
+
+        model = tmp_path / "m"
+        shutil.copytree(tiny_model, model)
+        t = AutoTokenizer.from_pretrained(model)
+        t.pad_token = t.eos_token
+        t.save_pretrained(model)
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "pad_token_id": t.eos_token_id}))
+        text = "Name: {name}<eos>"
     recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_model, names_file, task="classification",
-        data={"max_length": 24}, classify={"text": "Name: {name}", "label": "{name|vowels}"},
+        tmp_path / "r.yaml", model, names_file, task="classification",
+        data={"max_length": 24}, classify={"text": text, "label": "{name|vowels}"},
         train={"max_steps": 4, "batch_size": 16, "lr": 1e-2}, eval={"before": False, "max_examples": None})
     tunelab("train", str(recipe))
     tunelab("export", str(tmp_path / "run"), str(tmp_path / "hf"))
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    enc = tok(["Name: emma", "Name: christopher"], return_tensors="pt", padding=True)
+    if pad == "eos":
+        assert tok.pad_token == "<|tunelab_pad|>" and hf.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    enc = tok([text.format(name="emma"), text.format(name="christopher")], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = hf(**enc).logits
     preds = [json.loads(line) for line in
