@@ -46,9 +46,22 @@ def _numbers(rec: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
+IDS_FILE = "trackers.json"  # in the run directory: the W&B and MLflow run ids, so that a resume continues them
+
+
 class Trackers:
     def __init__(self, names: list[str], run: Path, config: dict[str, Any], name: str) -> None:
+        """The trackers of ``run``; a resumed run (its ids saved in IDS_FILE) continues the same tracker runs
+        (a fresh run's directory was cleared first, so it starts new ones)."""
+        import json
+        import uuid
+
+        from . import atomic
+
         self.tb = self.wandb = self.mlflow = None
+        ids_path = run / IDS_FILE
+        ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}
+        known = dict(ids)
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -57,21 +70,27 @@ class Trackers:
         if "wandb" in names:
             import wandb
 
+            ids.setdefault("wandb", f"{name}-{uuid.uuid4().hex[:8]}")
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "tunelab"), name=name, dir=str(run),
                                     config=config, mode=os.environ.get("WANDB_MODE", "offline"),
-                                    id=f"{name}-{abs(hash(str(run.resolve()))) % 10**8}", resume="allow")
+                                    id=ids["wandb"], resume="allow")
         if "mlflow" in names:
             import mlflow
 
             if "MLFLOW_TRACKING_URI" not in os.environ:
                 mlflow.set_tracking_uri((run / "mlruns").resolve().as_uri())
             mlflow.set_experiment("tunelab")
-            mlflow.start_run(run_name=name)
-            params = {k: str(v)[:250] for k, v in flatten(config).items()}
-            items = list(params.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
+            if "mlflow" in ids:  # resumed: the same MLflow run (its parameters are logged already)
+                mlflow.start_run(run_id=ids["mlflow"])
+            else:
+                ids["mlflow"] = mlflow.start_run(run_name=name).info.run_id
+                params = {k: str(v)[:250] for k, v in flatten(config).items()}
+                items = list(params.items())
+                for i in range(0, len(items), 100):
+                    mlflow.log_params(dict(items[i:i + 100]))
             self.mlflow = mlflow
+        if ids != known:
+            atomic.write_json(ids_path, ids)
 
     def log(self, rec: dict[str, Any]) -> None:
         step = int(rec["step"])

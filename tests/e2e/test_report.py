@@ -132,7 +132,9 @@ def test_wandb_and_mlflow_are_called_as_their_apis_expect(tmp_path, tiny_model, 
     (fakes / "mlflow" / "__init__.py").write_text(FAKE + textwrap.dedent('''
         def set_tracking_uri(uri): _rec("set_tracking_uri", uri)
         def set_experiment(name): _rec("set_experiment", name)
-        def start_run(run_name): _rec("start_run", run_name)
+        def start_run(run_name=None, run_id=None):
+            _rec("start_run", run_name, run_id)
+            return type("R", (), {"info": type("I", (), {"run_id": "ml-" + str(os.getpid())})})()
         def log_params(p): _rec("log_params", p)
         def log_metrics(m, step): _rec("log_metrics", step, m)
         def end_run(): _rec("end_run")
@@ -155,6 +157,21 @@ def test_wandb_and_mlflow_are_called_as_their_apis_expect(tmp_path, tiny_model, 
     assert any(c[0] == "log_params" and c[1]["train.max_steps"] == "3" for c in ml)
     assert [c[1] for c in ml if c[0] == "log_metrics"][:3] == [1, 2, 3] and ml[-1] == ["end_run"]
     assert not (tmp_path / "run" / "tensorboard").exists()  # not asked for
+    # a run killed and resumed continues the same W&B and MLflow runs; a fresh run starts new ones
+    log.unlink()
+    args = ["train", str(recipe), "train.max_steps=4", "train.checkpoint_every=1"]
+    assert tunelab(*args, "output.overwrite=true", env={**env, "TUNELAB_FAULT": "kill-step:3"},
+                   check=False).returncode != 0
+    tunelab(*args, "--resume", env=env)
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    inits = [c[2]["id"] for c in calls if c[:2] == ["wandb", "init"]]
+    starts = [c[2:] for c in calls if c[:2] == ["mlflow", "start_run"]]
+    assert len(inits) == 2 and inits[0] == inits[1] and inits[0] != wb[0][1]["id"]
+    first = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    assert starts == [["r", None], [None, first]]
+    ml = [c[1] for c in calls if c[0] == "mlflow"]
+    second = [i for i, c in enumerate(ml) if c == "start_run"][1]
+    assert "log_params" in ml[:second] and "log_params" not in ml[second:]  # parameters logged once
 
 
 def test_an_uninstalled_tracker_is_a_one_line_error(tmp_path, tiny_model, names_file):
