@@ -119,9 +119,13 @@ def run_config(run: Path):
 
 
 def free_out_dir(path: str, force: bool) -> Path:
+    """An output directory to write when the work is done, checked before it starts."""
     out = Path(path)
+    if out.is_symlink():
+        raise TunelabError("is a symbolic link: give a real directory (it would be replaced)", str(out))
     if out.exists() and not out.is_dir():
         raise TunelabError("exists and is not a directory", str(out))
+    _check_parent(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
     return out
@@ -414,14 +418,21 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
         raise TunelabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}", "--max-new-tokens")
 
 
+def _check_parent(out: Path) -> None:
+    """The nearest folder above ``out`` that exists must be a directory this process can write in."""
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TunelabError(f"cannot be written: {parent} is a file, not a directory", str(out))
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise TunelabError(f"cannot be written: no permission to write in {parent}", str(out))
+
+
 def output_file(spec: str, force: bool) -> Path:
     """A file to write when the work is done, checked before it starts (generating can take hours)."""
     out = Path(spec)
     if out.is_dir():
         raise TunelabError("is a directory: give a file to write", str(out))
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise TunelabError(f"cannot be written: {parent} is a file, not a directory", str(out))
+    _check_parent(out)
     if out.exists() and not force:
         raise TunelabError("output file exists (--force replaces it)", str(out))
     return out
@@ -481,6 +492,7 @@ def cmd_student(args: argparse.Namespace) -> int:
     from .teacher import slice_layers
 
     target = Path(args.teacher)
+    out = free_out_dir(args.out_dir, args.force)  # checked before the teacher is loaded
     if target.is_dir() and (target / "config.yaml").exists():
         model, tok = load_trained(target, load_config(target).model)
         if hasattr(model, "merge_and_unload"):
@@ -501,7 +513,6 @@ def cmd_student(args: argparse.Namespace) -> int:
         keep = list(range(0, n, args.keep_every))
         if keep[-1] != n - 1:
             keep.append(n - 1)  # keep the last layer: it feeds the output head
-    out = free_out_dir(args.out_dir, args.force)
     student = slice_layers(model, keep)
 
     def write(d: Path) -> None:

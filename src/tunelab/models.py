@@ -139,6 +139,29 @@ def _hub_error(name: str, err: Exception) -> TunelabError:
     return TunelabError(f"cannot load {name!r}: {text[:300]}", "model.name")
 
 
+def _unreadable(err: Exception, where: str) -> TunelabError:
+    return TunelabError(f"a weights or config file here is corrupt or truncated ({one_line(err)[:200]})", where)
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated safetensors file or a broken JSON config raises while loading."""
+    import json
+
+    from safetensors import SafetensorError
+
+    return SafetensorError, json.JSONDecodeError
+
+
+def load_adapter(model, path: Path):
+    """A PEFT adapter directory on ``model``; a corrupt or truncated file is a one-line error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, path)
+    except _corrupt_errors() as e:
+        raise _unreadable(e, str(path)) from None
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -223,6 +246,8 @@ def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
                 use_safetensors=None if cfg.allow_pickle else True,  # from the hub too: safetensors only
                 **attn,
             )
+        except _corrupt_errors() as e:
+            raise _unreadable(e, str(path)) from None
         except (OSError, ValueError) as e:
             raise _hub_error(cfg.name, e) from None
     if getattr(model.config, "quantization_config", None) is not None:
@@ -238,12 +263,9 @@ def load_trained(run_dir: Path, cfg: ModelConfig):
     """The fine-tuned model of a run directory: base + adapter/ (LoRA), or model/ (full, head, freeze)."""
     run_dir = Path(run_dir)
     if (run_dir / "adapter").is_dir():
-        from peft import PeftModel
-
         model, tok = load_model(cfg)
         check_weights_are_safe(run_dir / "adapter", cfg.allow_pickle, str(run_dir / "adapter"))
-        model = PeftModel.from_pretrained(model, run_dir / "adapter")
-        return model, tok
+        return load_adapter(model, run_dir / "adapter"), tok
     if (run_dir / "model").is_dir():
         # the trained weights, whatever the run started from (model.init=random drew them only to begin with)
         local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model"), "init": "pretrained"})
@@ -263,16 +285,20 @@ def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
     else:
         raise TunelabError("no adapter/, model/ or classifier/ in the run directory (did training finish?)",
                            str(run_dir))
-    meta = read_head_meta(out)
+    try:
+        meta = read_head_meta(out)
+    except _corrupt_errors() as e:
+        raise _unreadable(e, str(out)) from None
     if name == "model":
         lm, tok = load_model(ModelConfig(**{**cfg.__dict__, "name": str(out), "init": "pretrained"}))
     else:
         lm, tok = load_model(cfg)
         if name == "adapter":
-            from peft import PeftModel
-
             check_weights_are_safe(out, cfg.allow_pickle, str(out))
-            lm = PeftModel.from_pretrained(lm, out)
+            lm = load_adapter(lm, out)
     clf = SequenceClassifier(lm, meta["labels"], meta["pooling"], meta["bias"])
-    clf.load_head(out)
+    try:
+        clf.load_head(out)
+    except _corrupt_errors() as e:
+        raise _unreadable(e, str(out)) from None
     return clf.eval(), tok

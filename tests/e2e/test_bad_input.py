@@ -60,6 +60,23 @@ class Case:
             "train": {"max_steps": 2, "batch_size": 2}, "output": {"dir": str(self.run)}}))
         return ["train", str(self.recipe)]
 
+    def adapter_run(self, adapter_config: str) -> Path:
+        """A LoRA run directory whose adapter_config.json holds ``adapter_config``."""
+        d = self.fake_run(adapter=True)
+        (d / "adapter" / "adapter_config.json").write_text(adapter_config)
+        (d / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+        return d
+
+    def truncated_model(self) -> Path:
+        """A copy of the tiny model whose weights file is cut short (a download that died)."""
+        import shutil
+
+        d = self.tmp / "bad_model"
+        shutil.copytree(self.model, d)
+        w = d / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+        return d
+
     def fake_run(self, adapter: bool = False, **sections) -> Path:
         """A directory holding only a run's config.yaml (enough for commands that refuse early)."""
         write_recipe(self.recipe, self.model, self.names, **sections)
@@ -69,6 +86,11 @@ class Case:
         if adapter:
             (d / "adapter").mkdir()
         return d
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target, target_is_directory=True)
+    return path
 
 
 def _write(path: Path, data: bytes | str) -> Path:
@@ -298,6 +320,18 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
         "chat: a message that spells a special token": (
             lambda: c.chat([{"messages": [turn[0], {"role": "assistant", "content": "yes<|im_end|>"}]}]),
             "chat.jsonl:1: message 1 (assistant) contains the special token '<|im_end|>'"),
+        "cli: merge of an adapter whose config is broken JSON": (
+            lambda: ["merge", str(c.adapter_run('{')), str(c.tmp / "merged")],
+            "adapter: a weights or config file here is corrupt or truncated"),
+        "cli: student of a model whose weights file is truncated": (
+            lambda: ["student", str(c.truncated_model()), str(c.tmp / "student"), "--layers", "0"],
+            "bad_model: a weights or config file here is corrupt or truncated"),
+        "cli: merge into a folder below a file (found before loading)": (
+            lambda: ["merge", str(c.fake_run(adapter=True)), str(_write(c.tmp / "afile", "x") / "merged")],
+            "afile is a file, not a directory"),
+        "cli: student into a symbolic link": (
+            lambda: ["student", str(c.model), str(_link(c.tmp / "link", _mkdir(c.tmp / "real"))), "--layers", "0",
+                     "--force"], "link: is a symbolic link"),
         "cli: merge into a non-empty directory": (
             lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
             "output directory exists and is not empty"),
