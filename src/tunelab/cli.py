@@ -175,9 +175,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.input:
         for r in read_source(SourceConfig(path=args.input)):
             records.append((r.fields, r.where))
-    out_path = Path(args.output) if args.output else None
-    if out_path is not None and out_path.is_dir():
-        raise TunelabError("is a directory: give a file for the predictions", str(out_path))
+    out_path = output_file(args.output, force=True) if args.output else None  # checked before the model loads
     texts = []
     for rec, where in records:
         text = where if rec is None else render(cfg.classify.text, rec, where, "classify.text")
@@ -548,9 +546,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(runs) == 1 and not args.out:
         print(write_report(runs[0]))
         return 0
-    out = Path(args.out or "runs/compare.html")
-    if out.is_dir():
-        raise TunelabError("is a directory: give a file for the page (--out runs/compare.html)", str(out))
+    out = output_file(args.out or "runs/compare.html", force=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(write_compare(runs, out))
     return 0
