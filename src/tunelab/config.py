@@ -12,6 +12,8 @@ import difflib
 import math
 import os
 import re
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,11 +23,14 @@ from typing import Any, Union
 import yaml
 
 from .data.templates import check_template, fields_of
-from .errors import TunelabError
+from .errors import TunelabError, one_line
 
 
 def _choices(*values: str) -> dict:
     return {"choices": values}
+
+
+_COUNT_OR_FRACTION = {"count_or_fraction": True}  # an integer is a count, a float below 1 a fraction
 
 
 @dataclass
@@ -85,8 +90,9 @@ class DataConfig:
     train: SourceConfig | None = None
     validation: SourceConfig | None = None
     test: SourceConfig | None = None
-    validation_size: float = 0  # held out of `train` when no validation source: a count or a fraction
-    test_size: float = 0
+    # held out of `train` when no validation source: a count (an integer: 500) or a fraction below 1 (0.1)
+    validation_size: float = field(default=0, metadata=_COUNT_OR_FRACTION)
+    test_size: float = field(default=0, metadata=_COUNT_OR_FRACTION)
     unique_by: str | None = None  # drop records whose value of this field was seen before
     train_size: int | None = None  # keep at most this many training records (after the split)
     prompt: str = "{prompt}"  # template over record fields: {field} or {field|filter|...}
@@ -301,6 +307,20 @@ _SHORTHAND = {"model": "name", "data.train": "path", "data.validation": "path", 
 _FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
 _SOURCE_KEYS = ("train", "validation", "test")
 
+# Bounds on what is read: a recipe is a small text file; anything past these is a mistake or an attack (a
+# "billion laughs" of nested aliases, a FIFO or /dev/zero given as the recipe), refused in one line.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # values in a recipe or an override's value, with aliases expanded
+MAX_YAML_DEPTH = 64  # nesting, with aliases expanded (a recipe needs about 6)
+INT_LIMIT = 2**63  # an integer setting reaches torch and the tokenizers as a 64-bit integer
+SEED_LIMIT = 2**32  # seeds: 32 bits, as numpy and most tools take (the data order uses seed * 100_003 + epoch)
+_SEED_KEYS = ("train.seed", "model.init_seed")
+# Keys naming a file, a directory or a model (unindexed; shorthand sections too): an empty string is never
+# meant (`output.dir=$UNSET` would silently write to the default)
+_PATH_KEYS = frozenset({"output.dir", "model", "model.name", "sni.dir", "kd.teacher", "kd.cache", "chat.template",
+                        "eval.variations", "eval.control", "instruct.tasks.source", "instruct.tasks.source.path",
+                        *(f"data.{s}" for s in _SOURCE_KEYS), *(f"data.{s}.path" for s in _SOURCE_KEYS)})
+
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every valid dotted key, for suggestions."""
@@ -340,6 +360,8 @@ def _unindexed(key: str) -> str:
 
 
 def _suggest(key: str) -> str:
+    if len(key) > 200:
+        return ""
     keys = all_keys()
     key = _unindexed(key)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
@@ -366,21 +388,64 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Brief(reprlib.Repr):
+    """A value as Python writes it, cut short: messages stay one readable line whatever the value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdict = 8
+        self.maxstring = self.maxother = 120
+
+    def repr_int(self, x: int, level: int) -> str:  # repr() of an int over 4300 digits raises
+        if x.bit_length() > 256:
+            digits = int((abs(x).bit_length() - 1) * math.log10(2))  # at most the count, by one at most
+            while abs(x) >= 10**digits:
+                digits += 1
+            return f"<an integer of {digits} digits>"
+        return repr(x)
+
+
+_BRIEF = _Brief()
+
+
+def _show(value: Any) -> str:
+    return _BRIEF.repr(value)
+
+
+def _show_key(key: str) -> str:
+    """A key for a message: as written, unless it is long or holds characters that would break the line."""
+    return key if key.isprintable() and len(key) <= 120 else _show(key)
+
+
+def _override_where(item: str) -> str:
+    """'override KEY=VALUE', the value cut short when long (a message stays one readable line)."""
+    if item.isprintable() and len(item) > 120:
+        return f"override {item[:100]}..."
+    return f"override {_show_key(item)}"
+
+
 class _Located:
     """Maps dotted keys to a location string (recipe file and line, or the override)."""
 
     def __init__(self) -> None:
         self.where: dict[str, str] = {}
         self.default = "config"
+        self.saved_run = False  # the config.yaml a run saved (counts written as floats before they were ints)
 
     def of(self, key: str) -> str:
         parts = key.split(".")
         while parts:
-            w = self.where.get(".".join(parts))
+            here = ".".join(parts)
+            w = self.where.get(here) or self.where.get(_unindexed(here))  # an override sets instruct.tasks
             if w:
                 return w
             parts.pop()
         return self.default
+
+
+class _OutOfRange(TunelabError):
+    """A number too large for its setting: said as such, not as "expected an integer or null"."""
 
 
 def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
@@ -397,48 +462,83 @@ def _coerce(value: Any, tp: Any, key: str, loc: _Located) -> Any:
             try:
                 return _coerce(value, arg, key, loc)
             except TunelabError as e:
-                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg) or isinstance(e, _OutOfRange):
                     raise  # a section's own error (unknown key, wrong type inside) says more
                 errors.append(e)
-        raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+        raise TunelabError(f"{key}: expected {_type_name(tp)}, got {_show(value)}", loc.of(key))
     if dataclasses.is_dataclass(tp):
         plain = _unindexed(key)
         if isinstance(value, str) and plain in _SHORTHAND:
             value = {_SHORTHAND[plain]: value}
         if not isinstance(value, dict):
-            raise TunelabError(f"{key}: expected a section (mapping), got {value!r}", loc.of(key))
+            raise TunelabError(f"{key}: expected a section (mapping), got {_show(value)}", loc.of(key))
         return _build(tp, value, key + ".", loc)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
-            raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+            raise TunelabError(f"{key}: expected {_type_name(tp)}, got {_show(value)}", loc.of(key))
         return [_coerce(v, inner, f"{key}[{i}]", loc) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        too_long = isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{4300,}\s*", value)  # YAML could not read it
+        if too_long or isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+            raise _OutOfRange(f"{key}: {_show(value)} is out of range: an integer setting is below 2**63 (it "
+                              "reaches torch as a 64-bit integer)", loc.of(key))
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            try:
+                number = float(number)
+            except OverflowError:
+                raise _OutOfRange(f"{key}: {_show(value)} is too large for a number", loc.of(key)) from None
+            if math.isnan(number):
+                raise TunelabError(f"{key}: expected a number, got nan (not a number)", loc.of(key))
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            try:
+                return str(value)
+            except ValueError:  # an integer of more than 4300 digits
+                pass
     else:  # pragma: no cover - only the types above are used
         return value
-    raise TunelabError(f"{key}: expected {_type_name(tp)}, got {value!r}", loc.of(key))
+    raise TunelabError(f"{key}: expected {_type_name(tp)}, got {_show(value)}", loc.of(key))
+
+
+def _check_count_or_fraction(value: Any, key: str, loc: _Located) -> None:
+    """data.validation_size and test_size: an integer is a count of examples, a float below 1 a fraction.
+    A float of 1 or more (1.0: one example? all of them?) is refused rather than guessed."""
+    if isinstance(value, str):  # YAML 1.1 reads 1e3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            return  # _coerce says what is wrong
+    if not isinstance(value, float) or not value >= 1:
+        return  # a count, a fraction, or (negative, nan) refused by _check
+    if value.is_integer() and loc.saved_run and not loc.of(key).startswith("override "):
+        return  # a run's config.yaml from before counts were saved as integers: 500.0 is 500
+    n = int(value) if value.is_integer() else None
+    fix = (f"write {n} for {'one example' if n == 1 else f'{n} examples'}" if n is not None
+           else "write a whole number of examples")
+    raise TunelabError(f"{key}: {_show(value)} is neither a count (an integer) nor a fraction below 1: {fix}, "
+                       "or a fraction below 1 (0.1 holds out a tenth)", loc.of(key))
 
 
 def _build(cls: type, raw: dict, prefix: str, loc: _Located) -> Any:
@@ -448,11 +548,13 @@ def _build(cls: type, raw: dict, prefix: str, loc: _Located) -> Any:
     for k, v in raw.items():
         key = prefix + str(k)
         if k not in names:
-            raise TunelabError(f"unknown key {key}{_suggest(key)}", loc.of(key))
+            raise TunelabError(f"unknown key {_show_key(key)}{_suggest(key)}", loc.of(key))
+        if names[k].metadata.get("count_or_fraction"):
+            _check_count_or_fraction(v, key, loc)
         val = _coerce(v, hints[k], key, loc)
         choices = names[k].metadata.get("choices")
         if choices and val not in choices:
-            raise TunelabError(f"{key}: must be one of {', '.join(choices)}; got {val!r}", loc.of(key))
+            raise TunelabError(f"{key}: must be one of {', '.join(choices)}; got {_show(val)}", loc.of(key))
         kwargs[k] = val
     return cls(**kwargs)
 
@@ -462,17 +564,158 @@ def parse_section(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     loc = _Located()
     loc.default = where
     if not isinstance(raw, dict):
-        raise TunelabError(f"{prefix.rstrip('.') or 'entry'}: expected a mapping, got {raw!r}", where)
+        raise TunelabError(f"{prefix.rstrip('.') or 'entry'}: expected a mapping, got {_show(raw)}", where)
     return _build(cls, raw, prefix, loc)
 
 
-def _key_lines(text: str, filename: str) -> dict[str, str]:
-    """dotted key -> 'file:line' for every key of a YAML mapping tree."""
+class _TooDeep(Exception):
+    def __init__(self, mark: Any):
+        super().__init__()
+        self.mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops composing past MAX_YAML_DEPTH levels (before Python's recursion limit)
+    and reports a value Python cannot hold (an integer of 5000 digits, 30 February) as a YAML error with its
+    line instead of a bare ValueError."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, ArithmeticError) as e:
+            problem = ("an integer of more than 4300 digits" if "integer string conversion" in str(e)
+                       else f"cannot read this value ({one_line(e)})")
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _children(node: Any) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _expansion_problem(root: Any) -> tuple[str, Any] | None:
+    """What is wrong with a composed YAML tree read with its aliases expanded (as every walk over the loaded
+    value sees it): more than MAX_YAML_NODES values, deeper than MAX_YAML_DEPTH, or holding itself.
+    Linear in the distinct nodes: each node's expanded size and depth is computed once, without recursion."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
+    open_: set[int] = set()  # the nodes on the path from the root: one seen again holds itself
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        kids = _children(node)
+        if leaving:
+            open_.discard(id(node))
+            size = 1 + sum(done[id(k)][0] for k in kids)
+            depth = 1 + max((done[id(k)][1] for k in kids), default=0)
+            if size > MAX_YAML_NODES:
+                return (f"aliases expand this YAML to more than {MAX_YAML_NODES:,} values (a recipe has a few "
+                        "dozen): write the values out instead of nesting aliases", node.start_mark)
+            if depth > MAX_YAML_DEPTH:
+                return f"nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)", node.start_mark
+            done[id(node)] = (size, depth)
+        elif id(node) in done:
+            continue
+        elif id(node) in open_:
+            return "an alias refers to a value that holds it (a recursive structure): write the values out", \
+                node.start_mark
+        else:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids)
+    return None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_key(root: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first key given twice in one mapping: (dotted key, its first key node, its second). PyYAML keeps
+    the second silently; `<<` merges are not repeats (a mapping's own keys override merged ones)."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, prefix)]
+    while stack:
+        node, pre = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], Any] = {}
+            later = []
+            for knode, vnode in node.value:
+                if isinstance(knode, yaml.ScalarNode) and knode.tag != _MERGE_TAG:
+                    ident = (knode.tag, knode.value)
+                    if ident in first:
+                        return pre + knode.value, first[ident], knode
+                    first[ident] = knode
+                    later.append((vnode, f"{pre}{knode.value}."))
+                else:
+                    later += [(knode, pre), (vnode, pre)]
+            stack.extend(reversed(later))
+        elif isinstance(node, yaml.SequenceNode):
+            base = pre[:-1] if pre else ""
+            stack.extend(reversed([(item, f"{base}[{i}].") for i, item in enumerate(node.value)]))
+    return None
+
+
+def _load_yaml(text: str, where: str, prefix: str = "", filename: str | None = None) -> tuple[Any, dict[str, str]]:
+    """YAML text -> (its value, dotted key -> 'file:line' when ``filename`` is given), with the bounds above
+    and no repeated keys. Refusals are TunelabErrors at ``where`` (``filename:line`` for a file); a text
+    that is not YAML raises yaml.YAMLError, for the caller to word."""
+
+    def at(mark: Any) -> str:
+        return f"{filename}:{mark.line + 1}" if filename and mark is not None else where
+
+    loader = _BoundedLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except _TooDeep as e:
+            raise TunelabError(f"nested more than {MAX_YAML_DEPTH} levels deep (a recipe needs a few)",
+                               at(e.mark)) from None
+        if node is None:
+            return None, {}
+        problem = _expansion_problem(node)
+        if problem is not None:
+            raise TunelabError(problem[0], at(problem[1]))
+        dup = _duplicate_key(node, prefix)
+        if dup is not None:
+            key, first, second = dup
+            also = f" (first on line {first.start_mark.line + 1})" if filename else ""
+            raise TunelabError(f"{_show_key(key)} is given twice{also}: YAML would silently keep only the last; "
+                               "give it once", at(second.start_mark))
+        lines = _key_lines(node, filename) if filename else {}
+        return loader.construct_document(node), lines
+    except RecursionError:  # not expected past the bounds above; never a traceback
+        raise TunelabError("nested too deeply to read", where) from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(root: Any, filename: str) -> dict[str, str]:
+    """dotted key -> 'file:line' for every key of a composed YAML mapping tree (bounded by _load_yaml)."""
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for knode, vnode in node.value:
+                if not isinstance(knode, yaml.ScalarNode):
+                    continue  # a mapping or list as a key: refused when the value is built
                 key = prefix + str(knode.value)
                 out[key] = f"{filename}:{knode.start_mark.line + 1}"
                 walk(vnode, key + ".")
@@ -482,10 +725,7 @@ def _key_lines(text: str, filename: str) -> dict[str, str]:
                 out[key] = f"{filename}:{item.start_mark.line + 1}"
                 walk(item, key + ".")
 
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
+    walk(root, "")
     return out
 
 
@@ -512,12 +752,16 @@ def _is_text_field(tp: Any) -> bool:
 
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
-        raise TunelabError(f"expected key=value, got {item!r}", "override")
+        raise TunelabError(f"expected key=value, got {_show(item)}", "override")
     key, _, text = item.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text, _override_where(item), prefix=key + ".")[0] if text.strip() else None
     except yaml.YAMLError:
+        value = text
+    except TunelabError:  # past the bounds (or a key given twice): refused, unless the text is the value
+        if not _is_text_field(_field_type(key)):
+            raise
         value = text
     if isinstance(value, (dict, list)) and _is_text_field(_field_type(key)):
         value = text  # a template such as eval.display={name} is text, not a YAML mapping
@@ -533,8 +777,9 @@ def _drops_comment(text: str) -> bool:
         return False
     try:
         before = text[: m.start()]
-        return yaml.safe_load(before) == yaml.safe_load(text) if before.strip() else yaml.safe_load(text) is None
-    except yaml.YAMLError:
+        whole = _load_yaml(text, "override")[0]
+        return _load_yaml(before, "override")[0] == whole if before.strip() else whole is None
+    except (yaml.YAMLError, TunelabError):
         return False
 
 
@@ -596,7 +841,76 @@ def _template_file(value: Any, base: Path) -> Any:
     if not isinstance(value, str) or value in ("auto", "model", *SHIPPED):
         return value
     path = base / os.path.expanduser(value)
-    return str(path.resolve()) if path.is_file() else value
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for a file name: not a file, so a template's name (refused later)
+        is_file = False
+    return str(path.resolve()) if is_file else value
+
+
+_RUN_FILES = ("data_stats.json", "metrics.jsonl", "checkpoints", ".tunelab")  # beside a run's config.yaml
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _read_recipe(p: Path, where: str) -> str:
+    """A recipe's text: a regular file (a FIFO or a device would block or never end) of at most
+    MAX_RECIPE_BYTES, opened without blocking and read no further than that."""
+    too_big = f"larger than {MAX_RECIPE_BYTES // 2**20} MiB: a recipe is a small YAML file (is this the right file?)"
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise TunelabError(f"{_file_kind(st.st_mode)}, not a recipe file: give a YAML file", where)
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise TunelabError(too_big, where)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):  # replaced between the two looks
+                raise TunelabError(f"{_file_kind(mode)}, not a recipe file: give a YAML file", where)
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise TunelabError(f"cannot read the recipe: {e.strerror or e}", where) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise TunelabError(too_big, where)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"not UTF-8 text ({e.reason} at byte {e.start})", where) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as Path.read_text gave it (universal newlines)
+
+
+_BLANK_HINT = {"output.dir": "leave it out (or null) to write runs/<name>, or give a directory",
+               "model": "give a model alias, directory or hub id",
+               "model.name": "give a model alias, directory or hub id"}
+
+
+def _check_strings(value: Any, key: str, loc: _Located) -> None:
+    """Every string in ``value`` (at ``key``; a whole recipe when key is ""), before any path is resolved: no
+    NUL character and nothing Python cannot write as UTF-8 (a lone surrogate); a file, directory or model key
+    never empty (null or leaving it out gives the default)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(v, f"{key}.{k}" if key else str(k), loc)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_strings(v, f"{key}[{i}]", loc)
+    elif isinstance(value, str):
+        plain = _unindexed(key)
+        if "\x00" in value:
+            raise TunelabError(f"{_show_key(key)}: contains a NUL character (\\0)", loc.of(key))
+        try:
+            value.encode("utf-8", "surrogateescape" if plain in _PATH_KEYS else "strict")
+        except UnicodeEncodeError:
+            raise TunelabError(f"{_show_key(key)}: {_show(value)} is not valid UTF-8 text (a lone surrogate, or "
+                               "bytes that are not UTF-8)", loc.of(key)) from None
+        if plain in _PATH_KEYS and not value.strip():
+            hint = _BLANK_HINT.get(plain, "give a path, or leave it out (or null) for the default")
+            raise TunelabError(f"{_show_key(key)}: empty: {hint}", loc.of(key))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -611,34 +925,38 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise TunelabError("recipe not found", str(path))
         if p.is_dir():
             raise TunelabError("a directory, not a recipe file (nor a run directory with config.yaml)", str(path))
+        text = _read_recipe(p, str(path))
         try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise TunelabError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
-        try:
-            loaded = yaml.safe_load(text)
+            loaded, lines = _load_yaml(text, str(path), filename=str(path))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise TunelabError(f"invalid YAML: {getattr(e, 'problem', e)}", where) from None
+            raise TunelabError(f"invalid YAML: {one_line(getattr(e, 'problem', e))}", where) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise TunelabError("a recipe must be a YAML mapping of sections", str(path))
         raw = loaded
-        loc.where.update(_key_lines(text, str(path)))
+        loc.where.update(lines)
         loc.default = str(path)
+        loc.saved_run = p.name == "config.yaml" and any((p.parent / n).exists() for n in _RUN_FILES)
+        _check_strings(raw, "", loc)
         _resolve_source_paths(raw, p.parent.resolve())
         raw.setdefault("name", p.stem if p.name != "config.yaml" else p.parent.name)
     cwd = Path.cwd()
     for item in overrides:
         key, value = parse_override(item)
-        loc.where[key] = f"override {item}"
+        where = _override_where(item)
+        loc.where[key] = where
         if key not in all_keys():
-            raise TunelabError(f"unknown key {key}{_suggest(key)}", f"override {item}")
+            raise TunelabError(f"unknown key {_show_key(key)}{_suggest(key)}", where)
+        if key in _PATH_KEYS and not item.partition("=")[2].strip():
+            raise TunelabError(f"{key}: empty value (an unset shell variable?): give one, or write {key}=null "
+                               "for the default", where)
         if key in _SHORTHAND and isinstance(value, str):  # model=X sets model.name, keeping the section
             key = f"{key}.{_SHORTHAND[key]}"
-            loc.where[key] = f"override {item}"
+            loc.where[key] = where
+        _check_strings(value, key, loc)
         _set_dotted(raw, key, value, loc)
         parts = key.split(".")
         if len(parts) == 3 and parts[0] == "data" and parts[1] in _SOURCE_KEYS and parts[2] == "path":
@@ -678,6 +996,16 @@ def _check(cfg: Config, loc: _Located) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(t.loss_chunk >= 1, "train.loss_chunk", "must be at least 1")
     need(t.pack_length >= 2, "train.pack_length", "must be at least 2")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")  # AdamW's own bounds
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    need(t.adam_eps >= 0, "train.adam_eps", "must be non-negative")
+    for key in _SEED_KEYS:
+        section, _, leaf = key.partition(".")
+        seed = getattr(getattr(cfg, section), leaf)
+        need(0 <= seed < SEED_LIMIT, key,
+             f"a seed is a whole number from 0 to 2**32 - 1 ({SEED_LIMIT - 1}), got {seed}")
+    need(cfg.output.dir is not None or bool(cfg.name.strip()), "name",
+         "empty: the run's directory is runs/<name>: give a name (or output.dir)")
     if t.compile:
         import torch
         import torch._dynamo
@@ -782,4 +1110,9 @@ def _check(cfg: Config, loc: _Located) -> None:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    d = cfg.to_dict()
+    for k in ("validation_size", "test_size"):  # a count is written as an integer: 500, not 500.0 (a fraction's form)
+        v = d["data"][k]
+        if isinstance(v, float) and v >= 1 and v.is_integer():
+            d["data"][k] = int(v)
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 
 import torch
 from torch import nn
@@ -43,6 +44,38 @@ def linear_module_names(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear) and m is not out_emb})
 
 
+def targeted_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of each linear layer LoRA adapts, matched as PEFT matches them: by
+    the name's last part (all-linear: every linear layer but the output head), then the layer index."""
+    out_emb = model.get_output_embeddings()
+    found = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or m is out_emb:
+            continue
+        if lora.targets != ["all-linear"] and name.rsplit(".", 1)[-1] not in lora.targets:
+            continue
+        if lora.layers is not None:
+            index = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # PEFT's default layers pattern
+            if index is None or int(index["idx"]) not in lora.layers:
+                continue
+        found[name] = (m.in_features, m.out_features)
+    return found
+
+
+def check_lora_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a rank above what the adapted layers can hold: on a layer of ``in`` inputs and ``out`` outputs
+    the update B·A is (out, r)·(r, in), of rank at most min(in, out), so a larger r only adds parameters (and
+    a checkpoint that grows with r)."""
+    if not shapes:
+        return
+    name, (n_in, n_out) = min(shapes.items(), key=lambda item: min(item[1]))
+    limit = min(n_in, n_out)
+    if r > limit:
+        raise TunelabError(f"rank {r} is more than the layer {name} ({n_in} in, {n_out} out) can use: its update "
+                           f"has rank at most {limit}, and a larger rank only adds parameters; set lora.r to "
+                           f"{limit} or less", "lora.r")
+
+
 def _apply_lora(model: nn.Module, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -61,6 +94,7 @@ def _apply_lora(model: nn.Module, lora: LoraConfig):
         bad = [i for i in lora.layers if not 0 <= i < n_layers]
         if bad:
             raise TunelabError(f"layers {bad} out of range: the model has {n_layers}", "lora.layers")
+    check_lora_rank(lora.r, targeted_shapes(model, lora))  # before PEFT allocates r × in and out × r per layer
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                          layers_to_transform=lora.layers, task_type="CAUSAL_LM")
     try:
