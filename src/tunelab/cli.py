@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import atomic
+from . import atomic, ownership
 from .errors import TunelabError, one_line
 
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 train.max_steps=50 model=PATH output.dir=runs/x"
@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     cfg = load_config(args.recipe, args.overrides)
-    train(cfg, resume=args.resume, quiet=args.quiet)
+    train(cfg, resume=args.resume, quiet=args.quiet, recipe=args.recipe)
     return 0
 
 
@@ -56,12 +56,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     target = Path(args.target)
-    if args.out:
-        output_file(args.out, force=True)  # a bad --out is found before evaluating, not after
     is_run = target.is_dir() and (target / "config.yaml").exists()
     if target.is_dir() and not is_run:
         raise TunelabError("not a run directory (no config.yaml) nor a recipe file", str(target))
     cfg = load_config(target, args.overrides)
+    if args.out:  # a bad --out is found before evaluating, not after
+        output_file(args.out, force=True, inputs=[str(target), *run_inputs(cfg)])
     tok = load_tokenizer(cfg.model)
     splits, _, labels = build_dataset(cfg, tok)
     split_name, examples = eval_split(cfg, splits)
@@ -118,16 +118,31 @@ def run_config(run: Path):
     return load_config(run)
 
 
-def free_out_dir(path: str, force: bool) -> Path:
-    """An output directory to write when the work is done, checked before it starts."""
+def run_inputs(cfg) -> list[str]:
+    """What a run's configuration reads: its data, base model, templates (an output may not be among them)."""
+    from .train.loop import input_paths
+
+    return input_paths(cfg)
+
+
+def free_out_dir(path: str, force: bool, inputs: list[str | None]) -> Path:
+    """An output directory to write when the work is done, checked before it starts: never one of the
+    ``inputs`` (nor inside or around one); replaced (--force) only when tunelab made it."""
     out = Path(path)
     if out.is_symlink():
         raise TunelabError("is a symbolic link: give a real directory (it would be replaced)", str(out))
     if out.exists() and not out.is_dir():
         raise TunelabError("exists and is not a directory", str(out))
     _check_parent(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
+    ownership.check_not_input(out, inputs, "out_dir")
+    if out.exists() and any(out.iterdir()):
+        if force:
+            ownership.check_replaceable(out, "--force")
+        elif ownership.foreign_entries(out):
+            raise TunelabError("output directory exists and holds files tunelab did not make: choose another "
+                               "directory", str(out))
+        else:
+            raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
     return out
 
 
@@ -141,7 +156,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not (run / "adapter").is_dir():
         raise TunelabError("no adapter/ to merge (only LoRA runs have one; full runs already have model/)",
                            str(run))
-    out = free_out_dir(args.out_dir, args.force)
+    out = free_out_dir(args.out_dir, args.force, [str(run), *run_inputs(cfg)])
     model, tok = load_trained(run, cfg.model)
     merged = model.merge_and_unload()  # W = W0 + (alpha/r)·B·A folded into each target layer
 
@@ -149,7 +164,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merged.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
-    atomic.write_dir(out, write)
+    atomic.write_dir(out, write, marker="merged model")
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -171,11 +186,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fields = fields_of(cfg.classify.text)
     records: list[tuple[dict | None, str]] = []  # (fields, where); None: a bare text, classified as it is
     for t in args.texts:  # a bare text fills the template's one field, or is the input as it is
+        if not t.strip():
+            raise TunelabError("empty text: nothing to classify", "predict")
         records.append(({fields[0]: t}, t) if len(set(fields)) == 1 else (None, t))
     if args.input:
         for r in read_source(SourceConfig(path=args.input)):
             records.append((r.fields, r.where))
-    out_path = output_file(args.output, force=True) if args.output else None  # checked before the model loads
+    out_path = (output_file(args.output, force=True, inputs=[str(run), args.input, *run_inputs(cfg)])
+                if args.output else None)  # checked before the model loads
     texts = []
     for rec, where in records:
         text = where if rec is None else render(cfg.classify.text, rec, where, "classify.text")
@@ -211,9 +229,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if cfg.task != "classification":
         raise TunelabError("export writes a sequence-classification model; for a LoRA generation run use "
                            "tunelab merge", str(run))
-    out = free_out_dir(args.out_dir, args.force)
+    out = free_out_dir(args.out_dir, args.force, [str(run), *run_inputs(cfg)])
     model, tok = load_trained_classifier(run, cfg.model)
-    atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok))
+    atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok), marker="classifier export")
     print(f"sequence-classification model written to {out}", file=sys.stderr)
     return 0
 
@@ -275,6 +293,9 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_CHAT_LINE = 20_000  # characters of one message typed or piped into tunelab chat
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn conversation in the terminal, rendered with the same chat template as training."""
     from .config import ModelConfig, load_config
@@ -311,11 +332,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
               file=sys.stderr)
     while True:
         try:
-            line = input("you> ") if interactive else sys.stdin.readline()
+            line = input("you> ") if interactive else sys.stdin.readline(MAX_CHAT_LINE + 1)
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            raise TunelabError(f"the input is not UTF-8 text ({e.reason} at byte {e.start})", "chat") from None
         if not interactive and not line:
             break
+        if len(line.rstrip("\r\n")) > MAX_CHAT_LINE:
+            if not interactive:
+                raise TunelabError(f"an input line is longer than {MAX_CHAT_LINE} characters", "chat")
+            print(f"tunelab: chat: a line is longer than {MAX_CHAT_LINE} characters: ignored", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -363,13 +391,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
     if args.min_score is not None and not (args.verifier or args.critic):
         raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
-    out = output_file(args.out, args.force)
+    recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+    out = output_file(args.out, args.force, inputs=[args.target, args.input, args.recipe, args.verifier, args.critic,
+                                                    *(run_inputs(recipe_cfg) if recipe_cfg else [])])
     verifier = load_verifier(args.verifier) if args.verifier else None
     if args.critic and not (Path(args.critic) / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", args.critic)
     if args.critic and load_config(args.critic).task != "classification":  # found before generating, not after
         raise TunelabError("the critic must be a classification run", args.critic)
-    recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     model, tok = generation_model(args.target, args.device)
     items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg
              else prompts_from_file(args.input, args.prompt_field)[: args.limit])
@@ -425,12 +454,13 @@ def _check_parent(out: Path) -> None:
         raise TunelabError(f"cannot be written: no permission to write in {parent}", str(out))
 
 
-def output_file(spec: str, force: bool) -> Path:
-    """A file to write when the work is done, checked before it starts (generating can take hours)."""
+def output_file(spec: str, force: bool, inputs: list[str | None] = ()) -> Path:
+    """A file to write when the work is done, checked before it starts (generating can take hours): a
+    regular file or nothing, never one of the ``inputs`` nor inside one of them (a run directory's files)."""
     out = Path(spec)
-    if out.is_dir():
-        raise TunelabError("is a directory: give a file to write", str(out))
+    ownership.check_output_path(out)
     _check_parent(out)
+    ownership.check_not_input(out, inputs, "the output file")
     if out.exists() and not force:
         raise TunelabError("output file exists (--force replaces it)", str(out))
     return out
@@ -469,7 +499,7 @@ def self_instruct_command(args: argparse.Namespace) -> int:
     temperature = 0.7 if args.temperature is None else args.temperature
     max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
     check_sampling(temperature, args.top_p, max_new_tokens)
-    out = output_file(args.out, args.force)
+    out = output_file(args.out, args.force, inputs=[args.target, args.self_instruct])
     seeds = read_seeds(args.self_instruct)
     model, tok = generation_model(args.target, args.device)
     rows, stats = self_instruct(model, tok, seeds, args.rounds, args.per_round, threshold=args.similarity,
@@ -485,13 +515,19 @@ def self_instruct_command(args: argparse.Namespace) -> int:
 
 def cmd_student(args: argparse.Namespace) -> int:
     """A smaller student cut from a teacher: some of its decoder layers, with their weights."""
+    import contextlib
+
     from .config import ModelConfig, load_config
-    from .models import load_model, load_trained
+    from .models import load_model, load_trained, resolve_model_path
     from .teacher import slice_layers
 
     target = Path(args.teacher)
-    out = free_out_dir(args.out_dir, args.force)  # checked before the teacher is loaded
-    if target.is_dir() and (target / "config.yaml").exists():
+    is_run = target.is_dir() and (target / "config.yaml").exists()
+    reads = [args.teacher, *(run_inputs(load_config(target)) if is_run else [])]
+    with contextlib.suppress(TunelabError):
+        reads.append(resolve_model_path(args.teacher) if not is_run else None)
+    out = free_out_dir(args.out_dir, args.force, reads)  # checked before the teacher is loaded
+    if is_run:
         model, tok = load_trained(target, load_config(target).model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
@@ -517,7 +553,7 @@ def cmd_student(args: argparse.Namespace) -> int:
         student.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
-    atomic.write_dir(out, write)
+    atomic.write_dir(out, write, marker="student model")
     n_t = sum(p.numel() for p in model.parameters())
     n_s = sum(p.numel() for p in student.parameters())
     print(f"student with layers {keep} of {n}: {n_s:,} parameters ({n_s / n_t:.0%} of {n_t:,}); written to {out}",
@@ -546,7 +582,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(runs) == 1 and not args.out:
         print(write_report(runs[0]))
         return 0
-    out = output_file(args.out or "runs/compare.html", force=True)
+    out = output_file(args.out or "runs/compare.html", force=True, inputs=[str(r) for r in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     print(write_compare(runs, out))
     return 0
@@ -729,6 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # what the system refused (a full disk, a read-only file system, permissions)
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tunelab: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import atomic
 from .config import flatten
-from .errors import TunelabError
+from .errors import TunelabError, one_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 CSS = """
@@ -134,8 +134,30 @@ def smooth(points: list[tuple[float, float]], k: int) -> list[tuple[float, float
     return out
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """A run's JSON file (None where it has none); a file that is not what the run writes is one line."""
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise TunelabError(f"not valid JSON ({one_line(e)[:120]}): a run writes it; remove it or rerun the "
+                           "command that wrote it", str(path)) from None
+    if not isinstance(obj, kind):
+        raise TunelabError(f"expected a JSON {'object' if kind is dict else 'list'}, got {type(obj).__name__}",
+                           str(path))
+    return obj
+
+
+def _lines(path: Path, keep_all: bool = False) -> Any:
+    """A run's text file as lines (as one text with ``keep_all``); absent: none."""
+    if not path.exists():
+        return "" if keep_all else []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
+    return text if keep_all else [x for x in text.splitlines() if x.strip()]
 
 
 def load_run(run: Path) -> dict[str, Any]:
@@ -144,19 +166,32 @@ def load_run(run: Path) -> dict[str, Any]:
     if not (run / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", str(run))
     metrics = []
-    if (run / "metrics.jsonl").exists():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
+    for line in _lines(run / "metrics.jsonl"):
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue  # a line cut by a crash
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            metrics.append({k: v for k, v in rec.items()
+                            if k == "step" or not isinstance(v, (int, float)) or math.isfinite(v)})
     preds = []
-    if (run / "predictions.jsonl").exists():
-        preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()[:50] if x.strip()]
-    return {"dir": run, "config": yaml.safe_load((run / "config.yaml").read_text()),
-            "config_text": (run / "config.yaml").read_text(), "metrics": metrics,
+    for line in _lines(run / "predictions.jsonl")[:50]:
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(rec, dict):
+            preds.append(rec)
+    config_text = _lines(run / "config.yaml", keep_all=True)
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError as e:
+        raise TunelabError(f"invalid YAML ({one_line(e)[:120]})", str(run / "config.yaml")) from None
+    if not isinstance(config, dict):
+        raise TunelabError("expected a mapping of sections", str(run / "config.yaml"))
+    return {"dir": run, "config": config, "config_text": config_text, "metrics": metrics,
             "eval": _read_json(run / "eval.json"), "before": _read_json(run / "before.json"),
-            "stats": _read_json(run / "data_stats.json"), "samples": _read_json(run / "data_samples.json"),
+            "stats": _read_json(run / "data_stats.json"), "samples": _read_json(run / "data_samples.json", list),
             "predictions": preds}
 
 
@@ -287,7 +322,26 @@ def _kd_html(cfg: dict) -> str:
     return "<h2>distillation</h2>" + table(["setting", "value"], rows)
 
 
+_LAYOUT_ERRORS = (TypeError, KeyError, AttributeError, ValueError, IndexError)
+
+
+def _laid_out(runs: list[Path], render: Any) -> str:
+    """render(), with a run file that parses but is not laid out as tunelab writes it made one line."""
+    try:
+        return render()
+    except TunelabError:
+        raise
+    except _LAYOUT_ERRORS as e:
+        where = ", ".join(str(r) for r in runs)
+        raise TunelabError(f"a file of the run is not laid out as tunelab writes it ({type(e).__name__}: "
+                           f"{one_line(e)[:100]}): rerun the command that wrote it", where) from None
+
+
 def render_run(run: Path) -> str:
+    return _laid_out([run], lambda: _render_run(run))
+
+
+def _render_run(run: Path) -> str:
     r = load_run(run)
     cfg = r["config"]
     rows = [[k, b, a] for k, b, a in summary_rows(r)]
@@ -316,6 +370,10 @@ def run_labels(dirs: list[Path]) -> list[str]:
 
 
 def render_compare(runs: list[Path]) -> str:
+    return _laid_out(runs, lambda: _render_compare(runs))
+
+
+def _render_compare(runs: list[Path]) -> str:
     loaded = [load_run(r) for r in runs]
     names = run_labels([r["dir"] for r in loaded])
     keys: list[str] = []

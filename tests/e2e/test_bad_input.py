@@ -334,7 +334,7 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
                      "--force"], "link: is a symbolic link"),
         "cli: merge into a non-empty directory": (
             lambda: ["merge", str(c.fake_run(adapter=True)), str(_mkdir(c.tmp / "full", True))],
-            "output directory exists and is not empty"),
+            "output directory exists and holds files tunelab did not make"),
     }
 
 

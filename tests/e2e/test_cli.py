@@ -203,7 +203,7 @@ def test_resume_never_deletes_a_directory_that_is_not_a_run(tmp_path, tiny_model
     (keep / "notes.txt").write_text("mine")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
     proc = tunelab("train", str(recipe), f"output.dir={keep}", "--resume", check=False)
-    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "holds files tunelab did not make" in proc.stderr
     assert (keep / "notes.txt").read_text() == "mine"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic, dist, faults, tracking
+from .. import atomic, dist, faults, ownership, tracking
 from ..classify import SequenceClassifier, classifier_loss_sum
 from ..config import Config, save_config
 from ..data.batching import collate, epoch_batches
@@ -149,33 +149,78 @@ def total_steps(cfg: Config, n_examples: int) -> int:
     return cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum)
 
 
+def _occupied(run: Path) -> bool:
+    """Whether the run directory holds anything besides the lock of the process deciding about it."""
+    return run.exists() and (not run.is_dir() or any(p.name != ownership.LOCK for p in run.iterdir()))
+
+
 def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
-    """Decide between a fresh run and a resume; returns (run dir, checkpoint to resume or None)."""
+    """Decide between a fresh run and a resume; returns (run dir, checkpoint to resume or None). A directory
+    is replaced (output.overwrite=true) only when tunelab made it, and never when it holds what the run reads."""
     run = run_dir_of(cfg)
+    if run.exists() and not run.is_dir():
+        raise TunelabError("output.dir is a file, not a directory", str(run))
     mode = "auto" if resume else cfg.train.resume
     if mode not in ("never", "auto"):
         path = Path(mode)
         if not ckpt.verify(path):
             raise TunelabError("not a complete checkpoint (manifest missing or checksums differ)", str(path))
-        occupied = run.exists() and (not run.is_dir() or any(run.iterdir()))
-        if occupied and not _owns(run, path) and not cfg.output.overwrite:
-            raise TunelabError(f"holds another run: resuming {path} there would overwrite it (choose a new "
-                               "output.dir, or output.overwrite=true)", str(run))
+        if _occupied(run) and not _owns(run, path):
+            if not cfg.output.overwrite:
+                raise TunelabError(f"holds another run: resuming {path} there would overwrite it (choose a new "
+                                   "output.dir" + (", or output.overwrite=true)" if _replaceable(run) else ")"),
+                                   str(run))
+            ownership.check_replaceable(run, "output.overwrite=true")
         return run, path
-    if run.exists() and not run.is_dir():
-        raise TunelabError("output.dir is a file, not a directory", str(run))
     if mode == "auto":
         found = ckpt.latest_valid(run / "checkpoints")
         if found is not None:
             return run, found
-    if run.exists() and any(run.iterdir()) and not cfg.output.overwrite:
+    if _occupied(run):
         # auto with nothing to resume starts afresh only over a tunelab run that never checkpointed
         never_checkpointed = (run / "config.yaml").exists() and not ckpt.list_checkpoints(run / "checkpoints")
-        if mode != "auto" or not never_checkpointed:
+        if cfg.output.overwrite or (mode == "auto" and never_checkpointed):
+            ownership.check_replaceable(run, "output.overwrite=true")
+        elif not _replaceable(run):
+            _refuse_foreign(cfg, run)
+        else:
             raise TunelabError("run directory exists and is not empty" + (" and has no complete checkpoint"
                                if mode == "auto" else "") + ": resume it with --resume, or replace it with "
                                "output.overwrite=true, or choose output.dir=...", str(run))
     return run, None
+
+
+def _refuse_foreign(cfg: Config, run: Path) -> None:
+    """A directory tunelab did not make is never a run directory: one line, which never recommends a flag."""
+    if cfg.output.overwrite:
+        ownership.check_replaceable(run, "output.overwrite=true")
+    raise TunelabError("exists and holds files tunelab did not make: choose another output.dir", str(run))
+
+
+def _replaceable(run: Path) -> bool:
+    try:
+        ownership.check_replaceable(run, "output.overwrite=true")
+        return True
+    except TunelabError:
+        return False
+
+
+def input_paths(cfg: Config) -> list[str | None]:
+    """The files and directories a run reads (a run directory may not be, hold or lie inside any of them)."""
+    from ..models import resolve_model_path
+
+    sources = (cfg.data.train, cfg.data.validation, cfg.data.test)
+    paths: list[str | None] = [src.path for src in sources if src is not None]
+    for name in (cfg.model.name, cfg.kd.teacher):
+        if name is not None and os.path.exists(name):
+            paths.append(name)
+    with contextlib.suppress(TunelabError, OSError):
+        paths.append(str(resolve_model_path(cfg.model.name)))
+    paths += [cfg.sni.dir, cfg.kd.cache, cfg.eval.variations if isinstance(cfg.eval.variations, str) else None,
+              cfg.eval.control if isinstance(cfg.eval.control, str) else None]
+    if cfg.task == "chat" and cfg.chat.template.endswith(".jinja"):
+        paths.append(cfg.chat.template)
+    return [p for p in paths if isinstance(p, str)]
 
 
 def data_fingerprint(cfg: Config, n_train: int) -> str:
@@ -194,6 +239,17 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_fingerprint(examples: list[Example]) -> str:
+    """The examples' content: their tokens, masks, weights and classes (a resumed run must train on the same
+    text, not only the same number of records)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels, e.weight, e.label]).encode())
+    return h.hexdigest()[:16]
+
+
 def before_key(cfg: Config, split: str, examples: list[Example]) -> str:
     """What the base model's scores depend on besides its weights: the evaluation settings and examples. A
     resumed run scores the base model again when they changed, so that before and after compare alike."""
@@ -201,7 +257,7 @@ def before_key(cfg: Config, split: str, examples: list[Example]) -> str:
 
     e = cfg.eval
     key = {"eval": [e.generate, e.max_new_tokens, e.display, e.variations, e.control], "split": split,
-           "examples": [x.where for x in examples],
+           "examples": [x.where for x in examples], "content": content_fingerprint(examples),
            "chat": dataclasses.asdict(cfg.chat) if cfg.task == "chat" else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -426,18 +482,68 @@ def base_model_view(model):
         yield
 
 
-def train(cfg: Config, resume: bool = False, quiet: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, quiet: bool = False, recipe: str | None = None) -> Path:
     """Run a recipe end to end; returns the run directory. Under torchrun or accelerate launch, every
     process runs this: data parallel (DDP, or FSDP2 with train.parallel=fsdp), rank 0 writing the run
-    directory."""
+    directory. ``recipe``: the recipe file the configuration came from (the run directory may not hold it).
+
+    The writing process holds the run directory's lock for the whole run. A run that fails or is stopped
+    before its first checkpoint leaves no run directory behind (nor one it was asked to replace)."""
     d = dist.setup(cfg.model.device)
+    lock = None
     try:
-        return _train(cfg, resume, quiet or not d.main, d)
+        with _term_as_interrupt():  # SIGTERM before the loop (loading, evaluating the base) stops like Ctrl-C
+            run = run_dir_of(cfg)
+            if recipe is not None and ownership.resolved(recipe) in (ownership.resolved(run),
+                                                                     ownership.resolved(run / "config.yaml")):
+                recipe = None  # the run's own config.yaml, read into cfg and written again: not the user's file
+            ownership.check_not_input(run, [recipe, *input_paths(cfg)], "output.dir")
+            if d.main:
+                if _occupied(run) and not ownership.is_marked(run) and not (run / "config.yaml").exists():
+                    _refuse_foreign(cfg, run)  # (before the lock file is written into it)
+                lock = ownership.RunLock(run).acquire()
+            try:
+                return _train(cfg, resume, quiet or not d.main, d, lock)
+            except BaseException:
+                if lock is not None:
+                    _discard_unstarted(run, lock)
+                raise
     finally:
+        if lock is not None:
+            lock.release()
         dist.teardown(d)
 
 
-def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    def handle(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _discard_unstarted(run: Path, lock: ownership.RunLock) -> None:
+    """After a failure: a fresh run with no checkpoint yet goes (with the folders made for it); a directory
+    this process did not start afresh (a resumed run, another run it refused to replace) stays as it was."""
+    if not (lock.fresh or lock.created) or ckpt.list_checkpoints(run / "checkpoints"):
+        return
+    lock.release()
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in lock.made_parents:  # deepest first; one that now holds something else stays
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def _train(cfg: Config, resume: bool, quiet: bool, d, lock: ownership.RunLock | None = None) -> Path:
     t_start = time.time()
     if d.on and cfg.train.batch_size % d.world:
         raise TunelabError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {d.world} "
@@ -538,16 +644,24 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
     stopped_early = None
     metrics_path = run / "metrics.jsonl"
     fingerprint = data_fingerprint(cfg, len(train_ex))
+    content = content_fingerprint(train_ex)
     if resume_from is None:
         d.barrier()  # every process has decided (from the directory as it was) before rank 0 changes it
-        if run.exists() and d.main:
-            shutil.rmtree(run)
+        if d.main:
+            if lock is not None:
+                lock.fresh = True  # from here on a failure before the first checkpoint removes the directory
+            if run.exists():
+                ownership.clear(run)  # checked as tunelab's own (or empty) by _prepare_run_dir
     else:
         saved, opt_state, rng, state = ckpt.load_checkpoint(resume_from)
         if state.get("data_fingerprint", fingerprint) not in data_fingerprints(cfg, len(train_ex)):
             raise TunelabError("the checkpoint was trained on other data, split or batching (data, seed, "
                                "batch_size, grad_accum or model changed): resume with the run's own config.yaml "
                                "or start a new run", str(resume_from))
+        if state.get("data_content", content) != content:  # (a checkpoint written before the field: not checked)
+            raise TunelabError("the training data changed since this checkpoint was written (same settings and "
+                               "number of examples, other text): resume with the data it was trained on, or start "
+                               "a new run", str(resume_from))
         named = dict(model.named_parameters())
         missing = [k for k in saved if k not in named]
         if missing or len(saved) != len(params):
@@ -567,8 +681,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         pos = Position(state["epoch"], state["batch"])
         d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
         if d.main:
-            if not own and run.exists():  # output.overwrite=true over another run: it goes
-                shutil.rmtree(run)
+            if not own and run.exists():  # output.overwrite=true over another run (checked as tunelab's): it goes
+                ownership.clear(run)
             _truncate_metrics(metrics_path, step)
             for s, later in ckpt.list_checkpoints(run / "checkpoints"):  # an abandoned future
                 if s > step:
@@ -587,7 +701,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         say(f"resuming from {resume_from} (step {step} of {steps})", quiet)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        ownership.mark(run, "run")
+        atomic.write_file(run / "config.yaml", lambda p: save_config(cfg, p))
         if resume_from is None or not (run / "data_stats.json").exists():
             atomic.write_json(run / "data_stats.json", data_stats)
             if "mixture" in data_stats:
@@ -618,7 +733,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
         forward, sync = ddp, ddp.no_sync  # gradients are all-reduced on the last micro-step only
         say(f"data parallel over {d.world} processes: each takes {cfg.train.batch_size // d.world} rows of every "
             "micro-batch", quiet)
-    metrics_file = open(metrics_path, "a") if d.main else contextlib.nullcontext(None)
+    with atomic.refused_as_one_line(metrics_path):
+        metrics_file = open(metrics_path, "a") if d.main else contextlib.nullcontext(None)
     with StopRequest() as stop, metrics_file as metrics:
         while step < steps and stopped_early is None:
             t0 = time.time()
@@ -656,6 +772,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     (loss_sum * d.world / denom).backward()
                 loss_total += float(loss_sum.detach())
             faults.point("kill-step", step + 1)
+            faults.point("term-step", step + 1)
             loss = d.sum(loss_total) / denom
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
             gnorm = float(dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # inf: measure, don't clip
@@ -710,8 +827,9 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
             if evaluating and stopper is not None:
                 stop_now = d.any(stop_now)  # every process stops at the same step
             if metrics is not None:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                with atomic.refused_as_one_line(metrics_path):
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
             if trackers is not None:
                 trackers.log(rec)
             bar.update(1)
@@ -731,7 +849,8 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                                          {"step": step, "epoch": pos.epoch, "batch": pos.batch, "micro_step": 0,
                                           "tokens_seen": tokens_seen, "skipped": skipped,
                                           "skipped_in_a_row": skipped_in_a_row,
-                                          "data_fingerprint": fingerprint, "processes": d.world,
+                                          "data_fingerprint": fingerprint, "data_content": content,
+                                          "processes": d.world,
                                           "early_stopping": stopper.state() if stopper else {}},
                                          cfg.train.keep_checkpoints, rng=ckpt.rng_state(rngs))
                 d.barrier()
@@ -741,7 +860,7 @@ def _train(cfg: Config, resume: bool, quiet: bool, d) -> Path:
                     say(f"early stopping at step {step}: no {cfg.train.best_metric} improvement in "
                         f"{stopper.patience} evaluations (best at step {stopper.best_step}: {stopper.best:.4f})", quiet)
                 break
-            if stopping and step < steps:
+            if stopping:  # (at the last step too: the checkpoint holds it, --resume saves and evaluates)
                 bar.close()
                 if trackers is not None:
                     trackers.close()
