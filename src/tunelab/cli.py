@@ -327,6 +327,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 are an error, not lone surrogates
+        sys.stdin.reconfigure(encoding="utf-8", errors="strict")
     if interactive:
         print(f"chatting with {args.target} (template {tmpl.name}); /reset starts over, /exit quits",
               file=sys.stderr)

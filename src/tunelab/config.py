@@ -707,6 +707,15 @@ def _load_yaml(text: str, where: str, prefix: str = "", filename: str | None = N
         loader.dispose()
 
 
+def read_yaml(text: str, where: str) -> Any:
+    """A YAML document with the bounds a recipe has (alias expansion, depth, no repeated keys): for other
+    files tunelab reads back, such as a run's config.yaml in a report. Anything wrong is one TunelabError."""
+    try:
+        return _load_yaml(text, where, filename=where)[0]
+    except yaml.YAMLError as e:
+        raise TunelabError(f"invalid YAML: {one_line(getattr(e, 'problem', None) or e)[:120]}", where) from None
+
+
 def _key_lines(root: Any, filename: str) -> dict[str, str]:
     """dotted key -> 'file:line' for every key of a composed YAML mapping tree (bounded by _load_yaml)."""
     out: dict[str, str] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .config import flatten
+from .config import flatten, read_yaml
 from .errors import TunelabError, one_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -161,7 +161,6 @@ def _lines(path: Path, keep_all: bool = False) -> Any:
 
 
 def load_run(run: Path) -> dict[str, Any]:
-    import yaml
 
     if not (run / "config.yaml").exists():
         raise TunelabError("not a run directory (no config.yaml)", str(run))
@@ -183,10 +182,7 @@ def load_run(run: Path) -> dict[str, Any]:
         if isinstance(rec, dict):
             preds.append(rec)
     config_text = _lines(run / "config.yaml", keep_all=True)
-    try:
-        config = yaml.safe_load(config_text)
-    except yaml.YAMLError as e:
-        raise TunelabError(f"invalid YAML ({one_line(e)[:120]})", str(run / "config.yaml")) from None
+    config = read_yaml(config_text, str(run / "config.yaml"))
     if not isinstance(config, dict):
         raise TunelabError("expected a mapping of sections", str(run / "config.yaml"))
     return {"dir": run, "config": config, "config_text": config_text, "metrics": metrics,
