@@ -87,7 +87,7 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
     fields plus ``output`` (the candidate, stripped) and ``completion`` (as generated)."""
     from .config import load_config
     from .data.formats import Example
-    from .data.templates import render
+    from .data.templates import render as render_text
     from .evaluate import class_probabilities
     from .models import load_trained_classifier
 
@@ -101,7 +101,7 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
     examples = []
     for item, out in zip(items, outputs):
         fields = {**item.record, "output": out.strip(), "completion": out}
-        text = render(cfg.classify.text, fields, item.where, "classify.text")
+        text = render_text(cfg.classify.text, fields, item.where, "classify.text")
         ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
         examples.append(Example(ids, [-100] * len(ids), text, "", item.where))
     probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)

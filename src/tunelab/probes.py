@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .config import Config, SourceConfig, TaskConfig, parse_section
-from .errors import TunelabError
+from .errors import TunelabError, one_line
 from .evaluate import pct as _pct
 from .metrics import MATCHERS, best_of
 
@@ -32,6 +32,7 @@ def load_variations(spec: str):
     """The variations as a Task: a built-in task's name, or a file holding a list of templates (each
     ``{prompt, completion, name?}``) or a task mapping (``{templates: [...], options: ...}``)."""
     from .data.instruct import builtin_tasks, resolve_task
+    from .data.readers import check_file, whole_text
 
     if not spec.endswith(_SUFFIXES):
         if spec not in builtin_tasks():
@@ -39,14 +40,20 @@ def load_variations(spec: str):
                                f"eval.variations={spec}")
         return resolve_task(TaskConfig(name=spec, builtin=spec), 0, key=f"eval.variations={spec}")
     path = Path(spec)
-    if not path.is_file():
-        raise TunelabError("variations file not found", spec)
+    check_file(spec, "variations file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(whole_text(spec))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise TunelabError(f"invalid YAML/JSON: {getattr(e, 'problem', e)}",
+        raise TunelabError(f"invalid YAML/JSON: {one_line(getattr(e, 'problem', e))}",
                            f"{spec}:{mark.line + 1}" if mark else spec) from None
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"not UTF-8 text ({one_line(e)})", spec) from None
+    except RecursionError:
+        raise TunelabError("nested too deeply (more lists or mappings inside each other than Python reads)",
+                           spec) from None
+    except OSError as e:  # no permission to read, an I/O error
+        raise TunelabError(f"cannot read: {e.strerror or one_line(e)}", spec) from None
     if isinstance(raw, list):
         raw = {"templates": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("templates"), list) or not raw["templates"]:
@@ -120,10 +127,9 @@ class ControlItem:
 
 
 def load_control(path: str) -> list[ControlItem]:
-    from .data.readers import read_source
+    from .data.readers import check_file, read_source
 
-    if not Path(path).is_file():
-        raise TunelabError("control set not found", path)
+    check_file(path, "control set not found")
     items = []
     for r in read_source(SourceConfig(path=path)):
         f = r.fields

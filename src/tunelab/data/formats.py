@@ -17,6 +17,7 @@ from typing import Any
 from ..config import ChatConfig, ClassifyConfig, Config, DataConfig
 from ..errors import TunelabError, one_line
 from ..plugins import load_function
+from .lengths import token_bound
 from .readers import Record, read_source
 from .templates import check_template, render
 
@@ -58,6 +59,9 @@ class Example:
 def mask_prompt(prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
     """input_ids and labels for one example: loss only on the target tokens."""
     return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + list(target_ids)
+
+
+BINARY = (bytes, bytearray, memoryview)
 
 
 def load_formatter(spec: str) -> Callable[[dict], Any]:
@@ -129,7 +133,8 @@ def to_pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
     check_template(cfg.prompt, "data.prompt")
     check_template(cfg.completion, "data.completion")
     return [Pair(render(cfg.prompt, r.fields, r.where, "data.prompt"),
-                 render(cfg.completion, r.fields, r.where, "data.completion"), r.where, r.fields) for r in records]
+                 render(cfg.completion, r.fields, r.where, "data.completion"), r.where, r.fields)
+            for r in records]
 
 
 @dataclass
@@ -210,31 +215,38 @@ def encode(pairs: list[Pair], tok, cfg: DataConfig, split: str) -> tuple[list[Ex
     eos = tok.eos_token_id
     if cfg.add_eos and eos is None:
         raise TunelabError("the tokenizer has no EOS token; set data.add_eos=false", "data.add_eos")
-    prompts = tokenize([p.prompt for p in pairs], tok, True, f"tokenize {split}")
+    # too long, known from the characters alone: dropped or refused as they would be after tokenizing,
+    # without tokenizing them (truncation needs the tokens)
+    bound = token_bound(tok) if cfg.truncation != "truncate" else None
+    long = [bound is not None and bound.cannot_fit((p.prompt, p.completion), cfg.max_length) for p in pairs]
+    prompts = tokenize(["" if lg else p.prompt for p, lg in zip(pairs, long)], tok, True, f"tokenize {split}")
+    completions = ["" if lg else p.completion for p, lg in zip(pairs, long)]
     if cfg.completion_tokens == "chars":
-        targets = char_tokens([p.completion for p in pairs], tok)
+        targets = char_tokens(completions, tok)
     else:
-        targets = tokenize([p.completion for p in pairs], tok, False, f"tokenize {split} targets")
+        targets = tokenize(completions, tok, False, f"tokenize {split} targets")
     out = []
-    for pair, p_ids, t_ids in zip(pairs, prompts, targets):
-        if not p_ids:
+    for pair, p_ids, t_ids, lg in zip(pairs, prompts, targets, long):
+        if not (p_ids or (lg and bound and bound.makes_tokens(pair.prompt))):
             raise TunelabError("empty prompt: the model needs at least one token before the completion "
                                "(check the prompt template and the record's fields, or set model.bos_token)",
                                pair.where)
-        if not pair.completion.strip() or not t_ids:
+        if not pair.completion.strip() or not (bound.makes_tokens(pair.completion) if lg and bound else t_ids):
             if cfg.empty_target == "drop":
                 stats.dropped_empty += 1
                 continue
             raise TunelabError("empty completion: no tokens to train on (data.empty_target=drop skips "
                                "such examples)", pair.where)
         t_ids = list(t_ids) + ([eos] if cfg.add_eos else [])
-        if len(p_ids) + len(t_ids) > cfg.max_length:
+        if lg or len(p_ids) + len(t_ids) > cfg.max_length:
             if cfg.truncation == "drop":
                 stats.dropped_long += 1
                 continue
             if cfg.truncation == "error":
-                raise TunelabError(f"example has {len(p_ids) + len(t_ids)} tokens, more than "
-                                   f"data.max_length={cfg.max_length}", pair.where)
+                n = (f"at least {bound.min_tokens((pair.prompt, pair.completion))}" if lg and bound
+                     else len(p_ids) + len(t_ids))
+                raise TunelabError(f"example has {n} tokens, more than data.max_length={cfg.max_length}",
+                                   pair.where)
             room = cfg.max_length - len(p_ids)
             if room < 1:
                 raise TunelabError(f"data.max_length={cfg.max_length} is shorter than the prompt "
@@ -347,22 +359,25 @@ def encode_classification(records: list[Record], tok, cfg: DataConfig, ccfg: Cla
     index = {name: i for i, name in enumerate(labels)}
     stats = EncodeStats(total=len(records))
     texts = [render(ccfg.text, r.fields, r.where, "classify.text") for r in records]
-    ids_all = tok(texts, add_special_tokens=True)["input_ids"] if records else []
+    bound = token_bound(tok) if cfg.truncation != "truncate" else None  # too long: known without tokenizing
+    long = [bound is not None and bound.cannot_fit((t,), cfg.max_length) for t in texts]
+    ids_all = tok(["" if lg else t for t, lg in zip(texts, long)], add_special_tokens=True)["input_ids"] \
+        if records else []
     out = []
-    for r, text, ids in zip(records, texts, ids_all):
+    for r, text, ids, lg in zip(records, texts, ids_all, long):
         if not text.strip():
             raise TunelabError("empty text: nothing to classify", r.where)
         value = _label_of(r, ccfg)
         if value not in index:
             shown = ", ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
             raise TunelabError(f"label {value!r} is not in the label set ({shown})", r.where)
-        if len(ids) > cfg.max_length:
+        if lg or len(ids) > cfg.max_length:
             if cfg.truncation == "drop":
                 stats.dropped_long += 1
                 continue
             if cfg.truncation == "error":
-                raise TunelabError(f"text has {len(ids)} tokens, more than data.max_length={cfg.max_length}",
-                                   r.where)
+                n = f"at least {bound.min_tokens((text,))}" if lg and bound else len(ids)
+                raise TunelabError(f"text has {n} tokens, more than data.max_length={cfg.max_length}", r.where)
             ids = ids[: cfg.max_length]
             stats.truncated += 1
         out.append(Example(list(ids), [IGNORE] * len(ids), text, value, r.where, record=r.fields,

@@ -19,9 +19,11 @@ import yaml
 
 from ..config import Config, TaskConfig, TemplateConfig
 from ..errors import TunelabError
+from .formats import BINARY
 from .mixture import mixture_counts, take
 from .readers import Record
-from .templates import check_template, option_key, render, render_options
+from .templates import check_template, option_key, render_options
+from .templates import render as render_text
 
 
 @dataclass
@@ -156,10 +158,12 @@ def fields_for(task: Task, record: Record, rng: random.Random) -> dict[str, Any]
         options = fields[tc.options_field]
         if not (isinstance(options, list) and len(options) >= 2):
             raise TunelabError(f"field {tc.options_field!r} must be a list of at least two options", record.where)
+        if any(isinstance(o, BINARY) for o in options):
+            raise TunelabError(f"field {tc.options_field!r} holds binary data (bytes), not text", record.where)
         options = [str(o) for o in options]
     if options is None:
         return fields
-    answer = render(tc.answer, fields, record.where, f"{task.key}.answer").strip()
+    answer = render_text(tc.answer, fields, record.where, f"{task.key}.answer").strip()
     if answer not in options:
         raise TunelabError(f"the answer {answer!r} is not one of the options {options}", record.where)
     options = list(options)
@@ -176,8 +180,9 @@ def render_pair(task: Task, template: Template, record: Record, rng: random.Rand
 
     fields = fields_for(task, record, rng)
     key = f"{task.key} template {template.name}"
-    pair = Pair(render(template.prompt, fields, record.where, f"{key} prompt"),
-                render(template.completion, fields, record.where, f"{key} completion"), record.where, record.fields)
+    pair = Pair(render_text(template.prompt, fields, record.where, f"{key} prompt"),
+                render_text(template.completion, fields, record.where, f"{key} completion"), record.where,
+                record.fields)
     pair.group = f"{task.name}/{template.name.removeprefix(task.name + '/')}"
     pair.held_out = template.held_out
     return pair

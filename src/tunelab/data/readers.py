@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +42,27 @@ def detect_format(path: str, fmt: str) -> str:
     return _EXT[ext]
 
 
+def check_file(path: str, missing: str = "data file not found") -> None:
+    """A file to read data from must be a regular file (or a link to one): a device (/dev/zero), a FIFO or
+    a socket would be read forever or block. ``os.stat`` does not open it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TunelabError(missing, path) from None
+    except OSError as e:  # a loop of links, a name too long, a directory that cannot be searched
+        raise TunelabError(f"cannot read: {e.strerror or one_line(e)}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise TunelabError("is a directory, not a data file", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise TunelabError("not a regular file (a device, FIFO or socket)", path)
+
+
 def read_source(src: SourceConfig) -> list[Record]:
     if src.dataset is not None:
         return _read_hf(src)
     assert src.path is not None
     path = src.path
-    if not Path(path).exists():
-        raise TunelabError("data file not found", path)
-    if Path(path).is_dir():
-        raise TunelabError("is a directory, not a data file", path)
+    check_file(path)
     fmt = detect_format(path, src.format)
     reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
               "text": _read_text}[fmt]
@@ -53,28 +70,82 @@ def read_source(src: SourceConfig) -> list[Record]:
         return reader(path, src)
     except UnicodeDecodeError as e:
         raise TunelabError(f"not UTF-8 text ({one_line(e)})", path) from None
+    except OSError as e:  # no permission to read, an I/O error
+        raise TunelabError(f"cannot read: {e.strerror or one_line(e)}", path) from None
+
+
+NUL = "a NUL byte: binary data (or UTF-16 text), not UTF-8 text"
+
+
+def _lines(f, path: str) -> Iterator[tuple[int, str]]:
+    """The file's lines, numbered from 1; a NUL byte, which no text holds, is an error."""
+    for i, line in enumerate(f, 1):
+        if "\x00" in line:
+            raise TunelabError(NUL, f"{path}:{i}")
+        yield i, line
 
 
 def _read_text(path: str, src: SourceConfig) -> list[Record]:
     out = []
     with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
+        for i, line in _lines(f, path):
             line = line.rstrip("\r\n")
             if line.strip():
                 out.append(Record({src.text_field: line.strip()}, f"{path}:{i}"))
     return out
 
 
+def parse_json(text: str, path: str, line: int | None = None) -> Any:
+    """json.loads, its failures one line naming ``path:line`` (``line``: the line ``text`` is, for JSONL):
+    malformed JSON, nesting deeper than Python's stack, a number of more digits than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{line or e.lineno}") from None
+    except RecursionError:
+        raise TunelabError("JSON nested too deeply (more [ and { inside each other than Python reads)",
+                           f"{path}:{line or _deepest_line(text)}") from None
+    except ValueError:  # an integer of more digits than int() converts
+        digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise TunelabError(f"a number of more than {digits} digits (write it as a string)",
+                           f"{path}:{line}" if line else path) from None
+
+
+_JSON_MARKS = re.compile(r'[\[\]{}"\\\n]')
+
+
+def _deepest_line(text: str) -> int:
+    """The line where JSON's nesting is deepest (outside strings): where a too-deep nesting is."""
+    depth = best = 0
+    line = best_line = 1
+    in_str = escaped = False
+    for m in _JSON_MARKS.finditer(text):
+        c = m.group()
+        if escaped:  # the character after a backslash in a string
+            escaped = False
+            line += c == "\n"
+        elif c == "\n":
+            line += 1
+        elif in_str:
+            escaped, in_str = c == "\\", c != '"'
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+            if depth > best:
+                best, best_line = depth, line
+        elif c in "]}":
+            depth -= 1
+    return best_line
+
+
 def _read_jsonl(path: str, src: SourceConfig) -> list[Record]:
     out = []
     with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
+        for i, line in _lines(f, path):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{i}") from None
+            obj = parse_json(line, path, i)
             if not isinstance(obj, dict):
                 raise TunelabError(f"expected a JSON object, got {type(obj).__name__}", f"{path}:{i}")
             if "\\ud" in line.lower():
@@ -87,17 +158,26 @@ def _check_surrogates(obj: dict, where: str) -> None:
     """JSON can spell half of a UTF-16 pair (\\ud800) on its own: not text any tokenizer can read."""
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise TunelabError("JSON nested too deeply (more [ and { inside each other than Python reads)",
+                           where) from None
     except UnicodeEncodeError:
         raise TunelabError("a string holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
                            "pair): not valid text", where) from None
 
 
+def whole_text(path: str, encoding: str = "utf-8-sig") -> str:
+    """A text file's contents; a NUL byte, which no text holds, is an error naming its line."""
+    text = Path(path).read_text(encoding=encoding)
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise TunelabError(NUL, f"{path}:{text.count(chr(10), 0, nul) + 1}")
+    return text
+
+
 def _read_json(path: str, src: SourceConfig) -> list[Record]:
-    text = Path(path).read_text(encoding="utf-8-sig")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"malformed JSON: {e.msg} (column {e.colno})", f"{path}:{e.lineno}") from None
+    text = whole_text(path)
+    obj = parse_json(text, path)
     if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]} style
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -126,7 +206,7 @@ def _read_csv(path: str, src: SourceConfig) -> list[Record]:
 def _csv_records(path: str, strict: bool) -> list[Record]:
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, strict=strict)
+        reader = csv.DictReader((line for _, line in _lines(f, path)), strict=strict)
         line = 0
         try:
             if not reader.fieldnames:

@@ -28,7 +28,6 @@ score on the evaluation tasks is the unseen-task generalisation the papers measu
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from ..config import Config, SNIConfig
 from ..errors import TunelabError
+from .readers import check_file, parse_json, whole_text
 
 
 @dataclass
@@ -87,12 +87,14 @@ def _demos(raw: Any, key: str, path: str) -> list[Demo]:
 
 def read_task(path: Path) -> SNITask:
     p = str(path)
+    check_file(p, "task file not found")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"malformed JSON: {e.msg} (line {e.lineno})", p) from None
+        text = whole_text(p, "utf-8")
     except UnicodeDecodeError:
         raise TunelabError("not UTF-8 text", p) from None
+    except OSError as e:  # no permission to read, an I/O error
+        raise TunelabError(f"cannot read: {e.strerror or e}", p) from None
+    raw = parse_json(text, p)
     if not isinstance(raw, dict):
         raise TunelabError("a task file holds one JSON object", p)
     for key in ("Definition", "Instances"):

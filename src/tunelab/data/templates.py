@@ -70,6 +70,9 @@ def render(template: str, record: dict[str, Any], where: str, key: str = "templa
         if name not in record:
             raise TunelabError(f"missing field {name!r} (used by {key})", where)
         value = record[name]
+        if isinstance(value, (bytes, bytearray, memoryview)):  # a Parquet binary column: its str() is a repr
+            raise TunelabError(f"field {name!r} is binary data (bytes), not text (used by {key}): store it as "
+                               "a string column", where)
         if isinstance(value, (list, dict)):
             raise TunelabError(f"field {name!r} is a {'list' if isinstance(value, list) else 'JSON object'}, "
                                f"not text (used by {key})", where)
