@@ -97,23 +97,65 @@ class SequenceClassifier(nn.Module):
         (out_dir / LABELS_FILE).write_text(json.dumps(meta, indent=1))
 
     def load_head(self, src_dir: Path) -> None:
+        """The head saved by save_head; one that does not fit this classifier, or a damaged file, is a one-line
+        error (never a partial or broadcast copy)."""
         src_dir = Path(src_dir)
-        meta = json.loads((src_dir / LABELS_FILE).read_text())
+        meta = read_head_meta(src_dir)
         if meta["num_labels"] != len(self.labels) or meta["labels"] != self.labels:
             raise TunelabError(f"the saved head has {meta['num_labels']} classes {meta['labels'][:5]}, the "
                                f"recipe's data {len(self.labels)} {self.labels[:5]}", str(src_dir / LABELS_FILE))
-        tensors = load_file(str(src_dir / HEAD_FILE))
+        path = src_dir / HEAD_FILE
+        if not path.is_file():
+            raise TunelabError(f"no classifier head weights here ({HEAD_FILE} is missing)", str(src_dir))
+        tensors = load_file(str(path))
+        want = {"weight": tuple(self.head.weight.shape)}
+        if self.head.bias is not None:
+            want["bias"] = tuple(self.head.bias.shape)
+        if set(tensors) != set(want):
+            raise TunelabError(f"holds the tensors {sorted(tensors)}, a head of {LABELS_FILE}'s kind {sorted(want)}: "
+                               "the file is damaged", str(path))
+        for name, shape in want.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or not t.is_floating_point():
+                raise TunelabError(f"{name} is {t.dtype} {list(t.shape)}, this model's head is {list(shape)} floats "
+                                   "(the head of a model of another width, or a damaged file)", str(path))
+            if not bool(torch.isfinite(t).all()):
+                raise TunelabError(f"head weights hold NaN or inf: {name} (the file is damaged, or was saved from a "
+                                   "diverged run)", str(path))
         with torch.no_grad():
             self.head.weight.copy_(tensors["weight"])
             if self.head.bias is not None:
                 self.head.bias.copy_(tensors["bias"])
 
 
+POOLINGS = ("last", "first", "mean")
+
+
 def read_head_meta(src_dir: Path) -> dict:
+    """classifier.json, checked: the labels (distinct texts), the pooling, whether the head has a bias."""
     path = Path(src_dir) / LABELS_FILE
     if not path.exists():
         raise TunelabError("no classifier head here", str(path))
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))  # not JSON: the caller's "corrupt or truncated" error
+
+    def bad(problem: str) -> TunelabError:
+        return TunelabError(f"{problem}: the file is damaged", str(path))
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds a JSON {type(meta).__name__}, not an object")
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise bad(f"labels must be a list of at least two class names, got {str(labels)[:60]}")
+    if len(set(labels)) != len(labels):
+        raise bad("labels has duplicates")
+    if meta.get("pooling") not in POOLINGS:
+        raise bad(f"pooling must be one of {', '.join(POOLINGS)}, got {meta.get('pooling')!r}")
+    if not isinstance(meta.get("bias"), bool):
+        raise bad(f"bias must be true or false, got {meta.get('bias')!r}")
+    n = meta.setdefault("num_labels", len(labels))
+    if type(n) is not int or n != len(labels):
+        raise bad(f"num_labels is {n!r}, but labels lists {len(labels)} classes")
+    return meta
 
 
 EXPORT_PAD = "<|tunelab_pad|>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -150,13 +151,14 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
         except Exception as e:  # not a safetensors file, truncated, ...
             raise TunelabError(f"not a teacher cache ({type(e).__name__})", str(path)) from None
         known = fp if meta.get("fingerprint_version") == "2" else legacy_fingerprint(examples, str(kd.teacher))
-        if meta.get("fingerprint") != known or int(meta.get("examples", -1)) != len(examples):
+        if meta.get("fingerprint") != known or _meta_int(meta, "examples") != len(examples):
             raise TunelabError("the cached teacher log-probabilities were computed for other data or another "
                                "teacher: delete the file or point kd.cache elsewhere", str(path))
-        if int(meta.get("top_k", -1)) != min(kd.top_k, len(student_tok)):
+        if _meta_int(meta, "top_k") != min(kd.top_k, len(student_tok)):
             raise TunelabError(f"the cache holds top-{meta.get('top_k')} log-probabilities, the recipe asks for "
                                f"kd.top_k={kd.top_k}", str(path))
         vocab = check_vocab(student_tok, teacher_tokenizer(kd))
+        check_cache(cache, examples, _meta_int(meta, "top_k"), vocab, path)
         log.info("teacher top-%s log-probabilities from %s", meta.get("top_k"), path)
         return cache, vocab
     teacher, vocab = load_teacher(cfg, student_tok, device)
@@ -170,6 +172,37 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
     atomic.write_file(path, lambda p: save_file(cache, str(p), metadata=meta))
     del teacher
     return cache, vocab
+
+
+def _meta_int(meta: dict, key: str) -> int | None:
+    try:
+        return int(meta.get(key, ""))
+    except ValueError:
+        return None
+
+
+def check_cache(cache: dict[str, torch.Tensor], examples, k: int, vocab: int, path: Path) -> None:
+    """A cache whose metadata matches the data but whose tensors are not what build_cache writes (a damaged
+    or edited file) is a one-line error, not an index error in the middle of training."""
+    def bad(problem: str) -> TunelabError:
+        return TunelabError(f"the teacher cache is damaged: {problem} (delete the file: it is computed again)",
+                            str(path))
+
+    if set(cache) != {"logp", "index", "offsets"}:
+        raise bad(f"it holds {sorted(cache)}, not logp, index and offsets")
+    logp, index, offsets = cache["logp"], cache["index"], cache["offsets"]
+    counts = [sum(1 for t in e.labels[1:] if t != -100) for e in examples]  # supervised positions of each example
+    if offsets.dtype != torch.long or list(offsets.shape) != [len(examples) + 1] \
+            or offsets.tolist() != [0, *itertools.accumulate(counts)]:
+        raise bad("its offsets do not match the examples' supervised tokens")
+    rows = int(offsets[-1])
+    if not logp.is_floating_point() or list(logp.shape) != [rows, k] or list(index.shape) != [rows, k] \
+            or index.dtype != torch.int32:
+        raise bad(f"logp {list(logp.shape)} and index {list(index.shape)} are not the {rows} x {k} of the offsets")
+    if rows and (bool(torch.isnan(logp).any()) or bool((logp > 1e-3).any())):
+        raise bad("logp holds NaN or values above 0 (not log-probabilities)")
+    if rows and (int(index.min()) < 0 or int(index.max()) >= vocab):
+        raise bad(f"index holds token ids outside the vocabulary of {vocab}")
 
 
 def cached_rows(cache: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
