@@ -11,8 +11,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import atomic, ownership
+from .data.types import IGNORE
 from .errors import TunelabError, one_line
 
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 train.max_steps=50 model=PATH output.dir=runs/x"
@@ -41,19 +43,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .console import say
     from .data.formats import build_dataset
     from .evaluate import before_after_table, format_confusion
-    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
-    from .train.loop import (
-        _without_samples,
+    from .evaluation import (
         base_model_view,
         check_probes,
         eval_split,
         evaluate_run,
         probe_tables,
-        say,
         warn_budget,
     )
+    from .evaluation import without_samples as _without_samples
+    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
 
     target = Path(args.target)
     is_run = target.is_dir() and (target / "config.yaml").exists()
@@ -61,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TunelabError("not a run directory (no config.yaml) nor a recipe file", str(target))
     cfg = load_config(target, args.overrides)
     if args.out:  # a bad --out is found before evaluating, not after
-        output_file(args.out, force=True, inputs=[str(target), *run_inputs(cfg)])
+        output_file(args.out, force=args.force, inputs=[str(target), *run_inputs(cfg)])
     tok = load_tokenizer(cfg.model)
     splits, _, labels = build_dataset(cfg, tok)
     split_name, examples = eval_split(cfg, splits)
@@ -120,7 +122,7 @@ def run_config(run: Path):
 
 def run_inputs(cfg) -> list[str]:
     """What a run's configuration reads: its data, base model, templates (an output may not be among them)."""
-    from .train.loop import input_paths
+    from .train.rundir import input_paths
 
     return input_paths(cfg)
 
@@ -138,6 +140,7 @@ def free_out_dir(path: str, force: bool, inputs: list[str | None]) -> Path:
     if out.exists() and any(out.iterdir()):
         if force:
             ownership.check_replaceable(out, "--force")
+            ownership.check_not_locked(out)
         elif ownership.foreign_entries(out):
             raise TunelabError("output directory exists and holds files tunelab did not make: choose another "
                                "directory", str(out))
@@ -164,6 +167,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merged.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
+    ownership.check_not_locked(out)  # (again: the model took a while to load)
     atomic.write_dir(out, write, marker="merged model")
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
@@ -192,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.input:
         for r in read_source(SourceConfig(path=args.input)):
             records.append((r.fields, r.where))
-    out_path = (output_file(args.output, force=True, inputs=[str(run), args.input, *run_inputs(cfg)])
+    out_path = (output_file(args.output, force=args.force, inputs=[str(run), args.input, *run_inputs(cfg)])
                 if args.output else None)  # checked before the model loads
     texts = []
     for rec, where in records:
@@ -204,7 +208,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     examples = []
     for text, where in texts:
         ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
-        examples.append(Example(ids, [-100] * len(ids), text, "", where))
+        examples.append(Example(ids, [IGNORE] * len(ids), text, "", where))
     probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
     rows = []
     for e, p in zip(examples, probs.tolist()):
@@ -231,6 +235,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                            "tunelab merge", str(run))
     out = free_out_dir(args.out_dir, args.force, [str(run), *run_inputs(cfg)])
     model, tok = load_trained_classifier(run, cfg.model)
+    ownership.check_not_locked(out)
     atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok), marker="classifier export")
     print(f"sequence-classification model written to {out}", file=sys.stderr)
     return 0
@@ -240,7 +245,7 @@ def _marked(tok, ids: list[int], labels: list[int], color: bool) -> str:
     """The tokens of one example, those carrying loss inside ⟦ ⟧ (or highlighted on a terminal)."""
     parts, inside = [], False
     for i, label in zip(ids, labels):
-        sup = label != -100
+        sup = label != IGNORE
         if sup and not inside:
             parts.append("\x1b[42;30m" if color else "⟦")
         elif not sup and inside:
@@ -371,7 +376,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .gen_data import critic_scores, load_verifier, prompts_from_file, prompts_from_recipe, verify, write_rows
     from .generate import generate
-    from .train.loop import stop_ids
+    from .tasks import stop_ids
 
     if args.self_instruct:
         return self_instruct_command(args)
@@ -555,6 +560,7 @@ def cmd_student(args: argparse.Namespace) -> int:
         student.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
+    ownership.check_not_locked(out)
     atomic.write_dir(out, write, marker="student model")
     n_t = sum(p.numel() for p in model.parameters())
     n_s = sum(p.numel() for p in student.parameters())
@@ -584,10 +590,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(runs) == 1 and not args.out:
         print(write_report(runs[0]))
         return 0
-    out = output_file(args.out or "runs/compare.html", force=True, inputs=[str(r) for r in runs])
+    spec = args.out or "runs/compare.html"
+    out = output_file(spec, force=args.force or is_report(Path(spec)), inputs=[str(r) for r in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     print(write_compare(runs, out))
     return 0
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page tunelab's report wrote (replaced without --force)."""
+    from .report import FOOTER
+
+    try:
+        if not path.is_file():  # (a FIFO is never opened: it would block)
+            return False
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 400))
+            return FOOTER.encode() in f.read()
+    except OSError:
+        return False
 
 
 def recipes_dir() -> Path:
@@ -615,9 +636,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other error (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("tunelab").strip()
+        self.exit(2, f"tunelab: {where + ': ' if where else ''}{one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pre-trained language models.",
-                                epilog=EPILOG)
+    p = Parser(prog="tunelab", description="Fine-tune pre-trained language models.", epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output (for CI and logs)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -634,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="run directory, or recipe YAML (evaluates its model; model=... to choose)")
     e.add_argument("overrides", nargs="*", help="key=value overrides")
     e.add_argument("--out", help="also write the metrics as JSON to this file")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.add_argument("--base", action="store_true",
                    help="also evaluate the run's base model, side by side (e.g. with eval.variations=reverse)")
     e.set_defaults(func=cmd_eval)
@@ -649,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*", help="texts (a bare text fills the input template's one field)")
     pr.add_argument("--input", help="records to classify (JSONL, CSV, ...), formatted by the run's template")
     pr.add_argument("--output", help="write JSONL here instead of printing it")
+    pr.add_argument("--force", action="store_true", help="replace --output if it exists")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="write a classification run as a transformers *ForSequenceClassification")
@@ -726,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG)
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="the comparison page (default runs/compare.html; with one run: RUN/report.html)")
+    rp.add_argument("--force", action="store_true", help="replace --out if it exists and is not a tunelab report")
     rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")

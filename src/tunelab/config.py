@@ -818,7 +818,7 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         if isinstance(src, str):
             src = data[split] = {"path": src}
         if isinstance(src, dict) and isinstance(src.get("path"), str):
-            src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
+            src["path"] = os.path.realpath(base / os.path.expanduser(src["path"]))
     instruct = raw.get("instruct")
     tasks = instruct.get("tasks") if isinstance(instruct, dict) else None
     for task in tasks if isinstance(tasks, list) else []:
@@ -826,15 +826,15 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
         if isinstance(src, str):
             src = task["source"] = {"path": src}
         if isinstance(src, dict) and isinstance(src.get("path"), str):
-            src["path"] = str((base / os.path.expanduser(src["path"])).resolve())
+            src["path"] = os.path.realpath(base / os.path.expanduser(src["path"]))
     sni = raw.get("sni")
     if isinstance(sni, dict) and isinstance(sni.get("dir"), str):
-        sni["dir"] = str((base / os.path.expanduser(sni["dir"])).resolve())
+        sni["dir"] = os.path.realpath(base / os.path.expanduser(sni["dir"]))
     ev = raw.get("eval")
     for key in ("variations", "control"):
         value = ev.get(key) if isinstance(ev, dict) else None
         if isinstance(value, str) and value.endswith(_FILE_SUFFIXES):  # a file, not a built-in task's name
-            ev[key] = str((base / os.path.expanduser(value)).resolve())
+            ev[key] = os.path.realpath(base / os.path.expanduser(value))
     chat = raw.get("chat")
     if isinstance(chat, dict):
         chat["template"] = _template_file(chat.get("template"), base)
@@ -852,9 +852,12 @@ def _template_file(value: Any, base: Path) -> Any:
     path = base / os.path.expanduser(value)
     try:
         is_file = path.is_file()
+        if not is_file and path.exists() and not path.is_dir():
+            raise TunelabError("not a regular file (a device, FIFO or socket): a chat template is a .jinja file",
+                               str(path))
     except OSError:  # a name too long for a file name: not a file, so a template's name (refused later)
         is_file = False
-    return str(path.resolve()) if is_file else value
+    return os.path.realpath(path) if is_file else value
 
 
 _RUN_FILES = ("data_stats.json", "metrics.jsonl", "checkpoints", ".tunelab")  # beside a run's config.yaml
@@ -913,7 +916,7 @@ def _check_strings(value: Any, key: str, loc: _Located) -> None:
         if "\x00" in value:
             raise TunelabError(f"{_show_key(key)}: contains a NUL character (\\0)", loc.of(key))
         try:
-            value.encode("utf-8", "surrogateescape" if plain in _PATH_KEYS else "strict")
+            value.encode("utf-8", "surrogateescape" if plain in _PATH_KEYS and plain != "output.dir" else "strict")
         except UnicodeEncodeError:
             raise TunelabError(f"{_show_key(key)}: {_show(value)} is not valid UTF-8 text (a lone surrogate, or "
                                "bytes that are not UTF-8)", loc.of(key)) from None
@@ -950,7 +953,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         loc.default = str(path)
         loc.saved_run = p.name == "config.yaml" and any((p.parent / n).exists() for n in _RUN_FILES)
         _check_strings(raw, "", loc)
-        _resolve_source_paths(raw, p.parent.resolve())
+        _resolve_source_paths(raw, Path(os.path.realpath(p.parent)))
         raw.setdefault("name", p.stem if p.name != "config.yaml" else p.parent.name)
     cwd = Path.cwd()
     for item in overrides:
@@ -971,13 +974,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         if len(parts) == 3 and parts[0] == "data" and parts[1] in _SOURCE_KEYS and parts[2] == "path":
             src = raw["data"][parts[1]]
             if isinstance(src.get("path"), str):  # paths given on the command line are relative to the cwd
-                src["path"] = str((cwd / os.path.expanduser(src["path"])).resolve())
+                src["path"] = os.path.realpath(cwd / os.path.expanduser(src["path"]))
         if key in ("eval.variations", "eval.control") and isinstance(value, str) and value.endswith(_FILE_SUFFIXES):
-            raw["eval"][parts[1]] = str((cwd / os.path.expanduser(value)).resolve())
+            raw["eval"][parts[1]] = os.path.realpath(cwd / os.path.expanduser(value))
         if key == "chat.template":
             raw["chat"]["template"] = _template_file(value, cwd)
         if key == "sni.dir" and isinstance(value, str):
-            raw["sni"]["dir"] = str((cwd / os.path.expanduser(value)).resolve())
+            raw["sni"]["dir"] = os.path.realpath(cwd / os.path.expanduser(value))
     cfg = _build(Config, raw, "", loc)
     _check(cfg, loc)
     return cfg

@@ -88,6 +88,7 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
     from .config import load_config
     from .data.formats import Example
     from .data.templates import render as render_text
+    from .data.types import IGNORE
     from .evaluate import class_probabilities
     from .models import load_trained_classifier
 
@@ -103,7 +104,7 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
         fields = {**item.record, "output": out.strip(), "completion": out}
         text = render_text(cfg.classify.text, fields, item.where, "classify.text")
         ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
-        examples.append(Example(ids, [-100] * len(ids), text, "", item.where))
+        examples.append(Example(ids, [IGNORE] * len(ids), text, "", item.where))
     probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
     k = model.labels.index(label)
     return [float(p[k]) for p in probs.tolist()]

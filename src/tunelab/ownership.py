@@ -64,7 +64,8 @@ def foreign_entries(directory: Path) -> list[str]:
 
 
 def resolved(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(str(path))))
+    """The path as the system will use it (links followed; ``~`` is a folder's name here, as for open())."""
+    return Path(os.path.realpath(str(path)))
 
 
 def overlaps(a: Path, b: Path) -> bool:
@@ -81,7 +82,7 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike |
         i = resolved(item)
         if overlaps(o, i):
             rel = ("is" if o == i else "lies inside" if i in o.parents else "holds")
-            raise TunelabError(f"{what} {rel} {item}, which this command reads: choose another {what}", str(out))
+            raise TunelabError(f"{what} {rel} {item}, which this command reads: choose another", str(out))
 
 
 def check_replaceable(directory: Path, flag: str) -> None:
@@ -96,6 +97,26 @@ def check_replaceable(directory: Path, flag: str) -> None:
         shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise TunelabError(f"not made by tunelab (it holds {shown}): {flag} replaces only directories tunelab "
                            "made; choose another directory", str(d))
+
+
+def check_not_locked(directory: Path) -> None:
+    """No tunelab process is writing ``directory`` (a run being trained holds its lock)."""
+    import fcntl
+
+    lock = Path(directory) / LOCK
+    if not lock.is_file():
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise TunelabError(f"another tunelab process is writing this directory ({_read_holder(fd)}): wait for it "
+                           "to finish, or choose another directory", str(directory)) from None
+    finally:
+        os.close(fd)
 
 
 def check_output_path(path: Path) -> None:
@@ -140,6 +161,7 @@ class RunLock:
         self.created = False  # this process made the directory
         self.made_parents: list[Path] = []  # and these folders above it, deepest first
         self.fresh = False  # the run in it was started afresh (set by the training loop)
+        self.identity: tuple[int, int] | None = None  # the lock file's (device, inode)
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -167,11 +189,20 @@ class RunLock:
                 raise TunelabError(f"another tunelab process is writing this run directory ({holder}): wait for it "
                                    "to finish, or choose another output.dir", str(d)) from None
             raise TunelabError(f"cannot lock the run directory: {e.strerror}", str(d)) from None
+        self.identity = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
         info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         self._fd = fd
         return self
+
+    def still_ours(self) -> bool:
+        """Whether the directory still holds the lock file this process locked (not replaced meanwhile)."""
+        try:
+            st = os.stat(self.directory / LOCK)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
 
     def release(self) -> None:
         if self._fd is not None:

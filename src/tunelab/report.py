@@ -17,6 +17,7 @@ from typing import Any
 
 from . import atomic
 from .config import flatten, read_yaml
+from .data.types import IGNORE
 from .errors import TunelabError, one_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -396,10 +397,12 @@ def _config_diff(cfgs: list[dict]) -> list[list[Any]]:
             if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
+FOOTER = '<p class="muted">written by tunelab · self-contained: no scripts, no network</p>'
+
+
 def page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{body}"
-            '<p class="muted">written by tunelab · self-contained: no scripts, no network</p></body></html>\n')
+            f"<style>{CSS}</style></head><body>{body}{FOOTER}</body></html>\n")
 
 
 def write_report(run: Path) -> Path:
@@ -418,7 +421,7 @@ def data_samples(examples: list, tok, n: int = 3) -> list[dict[str, Any]]:
     for e in examples[:n]:
         segs: list[list[Any]] = []
         for tid, lab in zip(e.input_ids, e.labels):
-            sup = lab != -100
+            sup = lab != IGNORE
             if segs and segs[-1][1] == sup:
                 segs[-1][0].append(tid)
             else:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import atomic
+from . import atomic, ownership
 from .errors import TunelabError
 
 METRICS = ("exact_match", "accuracy")
@@ -165,6 +165,7 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
               quiet: bool = False, variants: dict[str, list[str]] | None = None) -> list[dict]:
     """Every cell of the grid (the variants, if any, are its first axis), then the table."""
     from .config import load_config
+    from .train.rundir import input_paths
 
     variants = variants or {}
     if variants:
@@ -186,11 +187,15 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
     if out.exists() and not out.is_dir():
         raise TunelabError("--out is a file, not a directory", str(out))
     # every cell's configuration is checked before anything runs
-    wanted = [settings(load_config(recipe, [*overrides, *overrides_of(assign, variants),
-                                            f"output.dir={out / cell_name(assign)}"]).to_dict()) for assign in grid]
+    cfgs = [load_config(recipe, [*overrides, *overrides_of(assign, variants), f"output.dir={out / cell_name(assign)}"])
+            for assign in grid]
+    check_sweep_dir(out, [recipe, *(p for cfg in cfgs for p in input_paths(cfg))])
+    wanted = [settings(cfg.to_dict()) for cfg in cfgs]
     for assign, want in zip(grid, wanted):
         check_cell(out / cell_name(assign), ", ".join(f"{k}={v}" for k, v in assign), want)
     out.mkdir(parents=True, exist_ok=True)
+    if not ownership.is_marked(out):
+        ownership.mark(out, "sweep")
     rows = []
     for i, assign in enumerate(grid, 1):
         d = out / cell_name(assign)
@@ -211,6 +216,24 @@ def run_sweep(recipe: str, overrides: list[str], axes: list[tuple[str, list[str]
         rows.append(collect(d, assign))
     write_table(out, axes, rows)
     return rows
+
+
+TABLES = ("sweep.md", "sweep.csv", "sweep.json", "sweep.png")
+
+
+def check_sweep_dir(out: Path, inputs: list[str]) -> None:
+    """The sweep's directory is not what it reads, and its tables replace only a sweep's own (a directory
+    tunelab marked, or one holding nothing but the cells' run directories and the tables)."""
+    ownership.check_not_input(out, inputs, "--out")
+    if not out.is_dir() or ownership.is_marked(out):
+        return
+    entries = [p for p in out.iterdir() if p.name != ownership.LOCK]
+    cells = [p for p in entries if p.is_dir() and (p / "config.yaml").exists()]
+    a_sweep = bool(cells) and all(p.name in TABLES or p in cells for p in entries)  # (written before the marker)
+    tables = [p.name for p in entries if p.name in TABLES]
+    if tables and not a_sweep:
+        raise TunelabError(f"holds {tables[0]}, which tunelab did not write (the directory holds other files): "
+                           "choose another --out", str(out))
 
 
 def collect(d: Path, assign: list[tuple[str, str]]) -> dict:

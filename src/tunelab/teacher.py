@@ -13,6 +13,7 @@ import torch
 
 from . import atomic
 from .config import Config, KDConfig, ModelConfig
+from .data.types import IGNORE
 from .errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -121,7 +122,7 @@ def build_cache(teacher, examples, vocab: int, k: int, pad_id: int, batch_size: 
         batch = collate(examples[s:s + batch_size], pad_id)
         ids, mask, labels = (batch[x].to(device) for x in ("input_ids", "attention_mask", "labels"))
         hidden = body_hidden(body, ids, mask)[:, :-1]
-        sel = labels[:, 1:] != -100
+        sel = labels[:, 1:] != IGNORE
         logits = head(hidden[sel])[:, :vocab].float()
         lp, ix = torch.log_softmax(logits, -1).topk(min(k, vocab), dim=-1)
         logps.append(lp.cpu())
@@ -191,7 +192,7 @@ def check_cache(cache: dict[str, torch.Tensor], examples, k: int, vocab: int, pa
     if set(cache) != {"logp", "index", "offsets"}:
         raise bad(f"it holds {sorted(cache)}, not logp, index and offsets")
     logp, index, offsets = cache["logp"], cache["index"], cache["offsets"]
-    counts = [sum(1 for t in e.labels[1:] if t != -100) for e in examples]  # supervised positions of each example
+    counts = [sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples]  # supervised positions of each example
     if offsets.dtype != torch.long or list(offsets.shape) != [len(examples) + 1] \
             or offsets.tolist() != [0, *itertools.accumulate(counts)]:
         raise bad("its offsets do not match the examples' supervised tokens")

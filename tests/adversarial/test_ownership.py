@@ -289,10 +289,91 @@ def test_resume_refuses_data_whose_text_changed(tmp_path, tiny_model, names_file
 def test_before_json_is_rescored_when_the_evaluation_text_changes(tmp_path):
     from tunelab.config import Config
     from tunelab.data.formats import Example
-    from tunelab.train.loop import before_key
+    from tunelab.evaluation import before_key
 
     cfg = Config()
     a = [Example([1, 2, 3], [-100, 2, 3], "p", "c", "f:1")]
     b = [Example([1, 2, 4], [-100, 2, 4], "p", "d", "f:1")]  # same place, other text
     assert before_key(cfg, "validation", a) != before_key(cfg, "validation", b)
     assert before_key(cfg, "validation", a) == before_key(cfg, "validation", list(a))
+
+
+def test_resume_with_another_lora_rank_is_one_line(tmp_path, tiny_model, names_file, capfd):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file,
+                          train={"max_steps": 4, "checkpoint_every": 2}, eval={"before": False})
+    proc = tunelab("--quiet", "train", str(recipe), check=False, env={"TUNELAB_FAULT": "kill-step:3"})
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    before = snapshot(run)
+    code, err = run_cli(["train", str(recipe), "--resume", "lora.r=8"], capfd)
+    one_line(code, err, "(was lora.r changed?)")
+    assert changes(before, snapshot(run)) == []
+
+
+# ---- cases a review found (each destroyed or overwrote a file, or gave a traceback)
+
+
+def test_a_tilde_output_dir_is_the_folder_named_tilde(run, names_file, tmp_path, monkeypatch, capfd):
+    """`~` in output.dir is a folder's name here (as for open()): the check and the write agree on it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "~").mkdir()
+    theirs = Path(shutil.copytree(run, tmp_path / "~" / "r"))
+    data = theirs / "names.txt"
+    shutil.copy(names_file, data)
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
+    recipe = write_recipe(tmp_path / "r2" / "recipe.yaml", Path(model), data)
+    _unchanged(tmp_path / "~", ["train", str(recipe), "output.dir=~/r", "output.overwrite=true"], "holds", capfd)
+
+
+def test_force_never_replaces_a_directory_being_trained(run, tmp_path, capfd):
+    from tunelab import ownership
+
+    target = tmp_path / "training"
+    lock = ownership.RunLock(target).acquire()  # as a training process holds it
+    try:
+        ownership.mark(target, "run")
+        (target / "config.yaml").write_text("name: x\n")
+        _unchanged(target, ["merge", str(run), str(target), "--force"], "another tunelab process is writing", capfd)
+    finally:
+        lock.release()
+
+
+def test_a_symbolic_link_loop_as_data_is_one_line(tmp_path, tiny_model, names_file, capfd):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file)
+    _unchanged(tmp_path, ["train", str(recipe), f"data.train.path={tmp_path / 'loop1'}"], "loop1", capfd)
+    recipe.write_text(recipe.read_text().replace(str(names_file), str(tmp_path / "loop1")))
+    _unchanged(tmp_path, ["train", str(recipe)], "loop1", capfd)
+
+
+def test_an_output_dir_that_is_not_utf8_is_one_line(tmp_path, tiny_model, names_file, capfd):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file)
+    _unchanged(tmp_path, ["train", str(recipe), f"output.dir={tmp_path}/r\udcff\udcfe"], "not valid UTF-8", capfd)
+
+
+def test_sweep_never_overwrites_tables_it_did_not_write(tmp_path, tiny_model, names_file, capfd):
+    recipe = write_recipe(tmp_path / "r" / "recipe.yaml", tiny_model, names_file)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.md").write_text("my notes")
+    (mine / "sweep.csv").write_text("name\nalice\n")
+    _unchanged(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(mine)], "sweep.", capfd)
+    data = tmp_path / "data" / "names.txt"
+    data.parent.mkdir()
+    shutil.copy(names_file, data)
+    recipe = write_recipe(tmp_path / "r" / "recipe.yaml", tiny_model, data)
+    _unchanged(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(data.parent)],
+               "which this command reads", capfd)
+
+
+def test_output_files_of_the_user_need_force(run, tmp_path, capfd):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for argv in (["eval", str(run), "--out", str(notes)], ["report", str(run), str(run), "--out", str(notes)]):
+        _unchanged(tmp_path, argv, "output file exists (--force replaces it)", capfd)
+    page = tmp_path / "compare.html"
+    for _ in range(2):  # a page tunelab's report wrote is replaced without --force
+        code, err = run_cli(["report", str(run), str(run), "--out", str(page)], capfd)
+        assert code == 0, err

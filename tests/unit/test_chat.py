@@ -310,7 +310,7 @@ def test_chat_recipe_keys(tmp_path):
 
 
 def test_a_template_file_is_found_next_to_the_recipe_from_any_directory(tmp_path, monkeypatch):
-    from tunelab.train.loop import data_fingerprint, data_fingerprints
+    from tunelab.train.rundir import data_fingerprint, data_fingerprints
 
     (tmp_path / "recipe").mkdir()
     (tmp_path / "elsewhere").mkdir()

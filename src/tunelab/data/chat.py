@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TunelabError, one_line
+from .types import IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 CHATML = (

@@ -18,50 +18,14 @@ from ..config import ChatConfig, ClassifyConfig, Config, DataConfig
 from ..errors import TunelabError, one_line
 from ..plugins import load_function
 from .lengths import token_bound
-from .readers import Record, read_source
+from .readers import read_source
 from .templates import check_template, render
-
-IGNORE = -100
-
-
-@dataclass
-class Pair:
-    prompt: str
-    completion: str
-    where: str
-    record: dict[str, Any] = field(default_factory=dict)
-    group: str | None = None  # instruction tuning: "task/template"
-    held_out: bool = False  # a held-out template or task (never trained on)
-    references: list[str] | None = None  # several valid completions (scored as the best match)
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    prompt: str
-    completion: str
-    where: str
-    weight: float = 1.0
-    record: dict[str, Any] = field(default_factory=dict)  # the source record's fields (for display)
-    label: int = -1  # classification: the class index (labels are then all -100)
-    prompt_len: int | None = None  # generation: input_ids[:prompt_len] is the prompt to generate from
-    shown: str | None = None  # what tables show as the input (default: the prompt)
-    group: str | None = None  # instruction tuning: "task/template", scored separately
-    held_out: bool = False
-    references: list[str] | None = None  # every valid completion (default: the completion)
-
-    @property
-    def n_supervised(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+from .types import IGNORE, Example, Pair, Record
 
 
 def mask_prompt(prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
     """input_ids and labels for one example: loss only on the target tokens."""
     return prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + list(target_ids)
-
-
-BINARY = (bytes, bytearray, memoryview)
 
 
 def load_formatter(spec: str) -> Callable[[dict], Any]:

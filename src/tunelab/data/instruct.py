@@ -19,11 +19,11 @@ import yaml
 
 from ..config import Config, TaskConfig, TemplateConfig
 from ..errors import TunelabError
-from .formats import BINARY
 from .mixture import mixture_counts, take
 from .readers import Record
 from .templates import check_template, option_key, render_options
 from .templates import render as render_text
+from .types import BINARY, Pair
 
 
 @dataclass
@@ -176,7 +176,6 @@ def fields_for(task: Task, record: Record, rng: random.Random) -> dict[str, Any]
 
 
 def render_pair(task: Task, template: Template, record: Record, rng: random.Random):
-    from .formats import Pair
 
     fields = fields_for(task, record, rng)
     key = f"{task.key} template {template.name}"

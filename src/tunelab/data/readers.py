@@ -12,19 +12,12 @@ import re
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import SourceConfig
 from ..errors import TunelabError, one_line
-
-
-@dataclass
-class Record:
-    fields: dict[str, Any]
-    where: str  # "file:line" (or "dataset[index]")
-
+from .types import Record
 
 csv.field_size_limit(2**31 - 1)  # a long text field (a document, a conversation) is data, not an error
 

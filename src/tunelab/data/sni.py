@@ -36,6 +36,7 @@ from typing import Any
 from ..config import Config, SNIConfig
 from ..errors import TunelabError
 from .readers import check_file, parse_json, whole_text
+from .types import Pair
 
 
 @dataclass
@@ -155,7 +156,6 @@ def check_encoding(task: SNITask, cfg: SNIConfig) -> None:
 def sni_pairs(cfg: Config) -> tuple[dict[str, list], dict[str, Any]]:
     """Training pairs from the training tasks, evaluation pairs (every valid output a reference) from
     the held-out tasks, and a report of which tasks went where."""
-    from .formats import Pair
 
     sc = cfg.sni
     assert sc.dir is not None

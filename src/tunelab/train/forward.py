@@ -25,6 +25,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..data.types import IGNORE
 from .objectives import masked_ce_sum, selected_ce_sum, supervised_ce_sum
 
 MIN_SHARED_PREFIX = 2  # tokens; below this the second forward call costs more than it saves
@@ -202,7 +203,7 @@ def pack(batch: dict[str, torch.Tensor], capacity: int, pad_id: int = 0) -> dict
     """A right-padded batch as packed rows: each row holds whole examples end to end (first fit, in batch
     order) up to ``capacity`` tokens, with ``position_ids`` restarting at 0 for every example, so that
     transformers' masks keep each example to itself (a block-diagonal causal mask; varlen with flash
-    attention). An example's first label is set to -100: in a packed row the token before it belongs to
+    attention). An example's first label is set to IGNORE: in a packed row the token before it belongs to
     the previous example. Per-token ``weight`` carries the examples' weights. Padding at a row's end is a
     segment of its own, without loss."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -224,7 +225,7 @@ def pack(batch: dict[str, torch.Tensor], capacity: int, pad_id: int = 0) -> dict
     width = max(used)
     out_ids = torch.full((len(rows), width), pad_id, dtype=ids.dtype, device=ids.device)
     out_pos = torch.zeros((len(rows), width), dtype=torch.long, device=ids.device)
-    out_lab = torch.full((len(rows), width), -100, dtype=labels.dtype, device=ids.device)
+    out_lab = torch.full((len(rows), width), IGNORE, dtype=labels.dtype, device=ids.device)
     out_w = torch.zeros((len(rows), width), dtype=torch.float32, device=ids.device)
     for r, members in enumerate(rows):
         at = 0
@@ -233,7 +234,7 @@ def pack(batch: dict[str, torch.Tensor], capacity: int, pad_id: int = 0) -> dict
             out_ids[r, at:at + n] = ids[i, :n]
             out_pos[r, at:at + n] = torch.arange(n, device=ids.device)
             out_lab[r, at:at + n] = labels[i, :n]
-            out_lab[r, at] = -100
+            out_lab[r, at] = IGNORE
             out_w[r, at:at + n] = 1.0 if weight is None else float(weight[i])
             at += n
         if at < width:
@@ -330,7 +331,7 @@ def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2
     wrow = torch.ones(B, device=dev) if weight is None else weight.to(dev, torch.float32)
     # position t of the prefix predicts token t+1 of every example (usually a prompt token: no loss)
     y_pre = labels[:, 1:P + 1]
-    sel_pre = y_pre != -100
+    sel_pre = y_pre != IGNORE
     cols = [torch.arange(P, device=dev)[None].expand(B, P)[sel_pre]]  # row 0's prefix
     ys, ws = [y_pre[sel_pre]], [wrow[:, None].expand(B, P)[sel_pre]]
     for i, (r, at) in where.items():
@@ -338,7 +339,7 @@ def prefix_packed_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 2
         ys.append(labels[i, P + 1:P + 1 + segs[i]])
         ws.append(wrow[i].expand(segs[i]))
     col, y, w = torch.cat(cols), torch.cat(ys), torch.cat(ws)
-    sel = y != -100
+    sel = y != IGNORE
     if not bool(sel.any()):
         return h.sum() * 0.0, 0
     return selected_ce_sum(h[col[sel]], y[sel], w[sel], head, chunk)
