@@ -52,7 +52,13 @@ def is_legacy_run(directory: Path) -> bool:
         names = {p.name for p in d.iterdir()}
     except OSError:
         return False
-    return "config.yaml" in names and names <= RUN_ENTRIES
+    return "config.yaml" in names and all(n in RUN_ENTRIES or _leftover(n) for n in names)
+
+
+def _leftover(name: str) -> bool:
+    """A temporary name tunelab's atomic writes use (``.adapter-x1y2``, ``.eval.json.tmp-123``), left by a
+    kill in the middle of a write."""
+    return name.startswith(".") and any(name[1:].startswith((f"{e}-", f"{e}.tmp-")) for e in RUN_ENTRIES)
 
 
 def foreign_entries(directory: Path) -> list[str]:

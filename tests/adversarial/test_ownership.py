@@ -377,3 +377,18 @@ def test_output_files_of_the_user_need_force(run, tmp_path, capfd):
     for _ in range(2):  # a page tunelab's report wrote is replaced without --force
         code, err = run_cli(["report", str(run), str(run), "--out", str(page)], capfd)
         assert code == 0, err
+
+
+def test_a_run_of_an_earlier_release_killed_mid_write_is_still_a_run(tmp_path):
+    from tunelab import ownership
+
+    run = tmp_path / "old"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", ".eval.json.tmp-4242"):
+        (run / name).write_text("x")
+    (run / ".adapter-k2j4").mkdir()
+    assert ownership.is_legacy_run(run) and ownership.foreign_entries(run) == []
+    (run / ".notes").write_text("mine")  # a hidden file of the user's is not a leftover
+    assert not ownership.is_legacy_run(run)
+    assert ownership.foreign_entries(run) == [".adapter-k2j4", ".eval.json.tmp-4242", ".notes", "config.yaml",
+                                              "metrics.jsonl"]
