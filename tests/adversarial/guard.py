@@ -60,3 +60,12 @@ def run_cli(argv: list[str], capfd) -> tuple[int, str]:
     capfd.readouterr()
     code = main(["--quiet", *argv])
     return code, capfd.readouterr().err
+
+
+def refused(root: Path, argv: list[str], expected: str, capfd, status: int = 2) -> str:
+    """Run ``argv``: a one-line refusal holding ``expected``, and nothing below ``root`` changed."""
+    before = snapshot(root)
+    code, err = run_cli(argv, capfd)
+    line = one_line(code, err, expected, status)
+    assert changes(before, snapshot(root)) == [], changes(before, snapshot(root))
+    return line

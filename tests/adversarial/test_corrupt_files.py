@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import tunelab, write_recipe
-from guard import changes, one_line, run_cli, snapshot
+from guard import refused, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -107,10 +107,7 @@ def test_a_damaged_model_directory_is_one_line(tmp_path, tiny_model, names_file,
     shutil.copytree(tiny_model, model)
     damage(model)
     recipe = write_recipe(tmp_path / "recipe.yaml", model, names_file)
-    before = snapshot(tmp_path)
-    code, err = run_cli(["train", str(recipe)], capfd)
-    one_line(code, err, expected)
-    assert not changes(before, snapshot(tmp_path))  # no run directory; the model is as it was
+    refused(tmp_path, ["train", str(recipe)], expected, capfd)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 200) | st.floats(allow_nan=True)
@@ -231,10 +228,7 @@ def test_a_damaged_adapter_is_one_line(tmp_path, lora_run, name, capfd, monkeypa
     damage, expected = ADAPTER_CASES[name]
     run, _ = _copy_run(lora_run, tmp_path)
     damage(run / "adapter")
-    before = snapshot(tmp_path)
-    code, err = run_cli(["merge", str(run), str(tmp_path / "merged")], capfd)
-    one_line(code, err, expected)
-    assert not changes(before, snapshot(tmp_path))
+    refused(tmp_path, ["merge", str(run), str(tmp_path / "merged")], expected, capfd)
 
 
 def _head(run: Path) -> Path:
@@ -265,10 +259,7 @@ def test_a_damaged_classification_head_is_one_line(tmp_path, classifier_run, nam
     damage, expected = CLASSIFIER_CASES[name]
     run, _ = _copy_run(classifier_run, tmp_path)
     damage(_head(run))
-    before = snapshot(tmp_path)
-    code, err = run_cli(["predict", str(run), "emma"], capfd)
-    one_line(code, err, expected)
-    assert not changes(before, snapshot(tmp_path))
+    refused(tmp_path, ["predict", str(run), "emma"], expected, capfd)
 
 
 # ---- checkpoints: what the manifest vouches for is still checked before the loop trusts it
@@ -315,10 +306,7 @@ def test_resuming_a_damaged_checkpoint_is_one_line_and_keeps_it(tmp_path, lora_r
     damage, expected = CHECKPOINT_CASES[name]
     run, recipe = _copy_run(lora_run, tmp_path)
     damage(run / "checkpoints" / "step-4")
-    before = snapshot(tmp_path)
-    code, err = run_cli(["train", str(recipe), "--resume"], capfd)
-    one_line(code, err, expected)
-    assert not changes(before, snapshot(tmp_path)), "a refused checkpoint (or anything else) changed"
+    refused(tmp_path, ["train", str(recipe), "--resume"], expected, capfd)
 
 
 def test_a_manifest_of_the_wrong_structure_is_skipped_like_a_corrupt_one(tmp_path, lora_run, capfd, monkeypatch):
@@ -406,7 +394,5 @@ def test_a_damaged_teacher_cache_is_one_line(tmp_path, tiny_model, names_file, c
     tensors = load_file(str(cache))
     tensors["offsets"] = tensors["offsets"].flip(0)  # the metadata still matches the data
     save_file(tensors, str(cache), metadata=meta)
-    before = snapshot(tmp_path)
-    code, err = run_cli(["train", str(recipe)], capfd)
-    one_line(code, err, "teacher.safetensors: the teacher cache is damaged: its offsets do not match")
-    assert not changes(before, snapshot(tmp_path))
+    expected = "teacher.safetensors: the teacher cache is damaged: its offsets do not match"
+    refused(tmp_path, ["train", str(recipe)], expected, capfd)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tunelab, write_recipe
-from guard import changes, one_line, run_cli, snapshot
+from guard import changes, one_line, refused, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +46,11 @@ def user_dir(tmp_path, tiny_model, names_file) -> Path:
     return d
 
 
-def _unchanged(root: Path, argv: list[str], expected: str, capfd, status: int = 2) -> str:
-    before = snapshot(root)
-    code, err = run_cli(argv, capfd)
-    line = one_line(code, err, expected, status)
-    assert changes(before, snapshot(root)) == [], changes(before, snapshot(root))
-    return line
-
-
 # ---- output.overwrite and output.dir
 
 
 def test_overwrite_refuses_the_recipes_own_folder(user_dir, capfd):
-    line = _unchanged(user_dir, ["train", str(user_dir / "recipe.yaml"), f"output.dir={user_dir}",
+    line = refused(user_dir, ["train", str(user_dir / "recipe.yaml"), f"output.dir={user_dir}",
                                  "output.overwrite=true"], "which this command reads", capfd)
     assert "overwrite" not in line.split(str(user_dir))[-1]
 
@@ -66,7 +58,7 @@ def test_overwrite_refuses_the_recipes_own_folder(user_dir, capfd):
 def test_overwrite_refuses_the_base_models_folder(tmp_path, tiny_model, names_file, capfd):
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     recipe = write_recipe(tmp_path / "r" / "recipe.yaml", model, names_file)
-    _unchanged(tmp_path, ["train", str(recipe), f"output.dir={model}", "output.overwrite=true"],
+    refused(tmp_path, ["train", str(recipe), f"output.dir={model}", "output.overwrite=true"],
                "which this command reads", capfd)
 
 
@@ -75,11 +67,11 @@ def test_overwrite_refuses_a_folder_tunelab_did_not_make(tmp_path, tiny_model, n
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("chapter 1")
     recipe = write_recipe(tmp_path / "r" / "recipe.yaml", tiny_model, names_file)
-    line = _unchanged(tmp_path, ["train", str(recipe), f"output.dir={theirs}", "output.overwrite=true"],
+    line = refused(tmp_path, ["train", str(recipe), f"output.dir={theirs}", "output.overwrite=true"],
                       "not made by tunelab (it holds thesis.tex)", capfd)
     assert "choose another directory" in line
     # without the flag, the refusal does not recommend it
-    line = _unchanged(tmp_path, ["train", str(recipe), f"output.dir={theirs}"], "did not make", capfd)
+    line = refused(tmp_path, ["train", str(recipe), f"output.dir={theirs}"], "did not make", capfd)
     assert "overwrite" not in line.split(str(theirs))[1]
 
 
@@ -100,7 +92,7 @@ def test_overwrite_replaces_a_run_written_before_the_marker(run, capfd):
     assert code == 0, err
     (run / "notes.md").write_text("mine")  # now marked again, but a foreign file in an unmarked one is refused
     (run / ".tunelab").unlink()
-    _unchanged(run.parent, ["train", str(run), f"output.dir={run}", "output.overwrite=true"],
+    refused(run.parent, ["train", str(run), f"output.dir={run}", "output.overwrite=true"],
                "not made by tunelab (it holds", capfd)
 
 
@@ -109,17 +101,17 @@ def test_output_dir_holding_the_data_is_refused_even_when_marked(run, names_file
     shutil.copy(names_file, data)
     recipe = write_recipe(run.parent / "r2" / "recipe.yaml", Path(yaml.safe_load((run / "config.yaml")
                                                                                  .read_text())["model"]["name"]), data)
-    _unchanged(run.parent, ["train", str(recipe), f"output.dir={run}", "output.overwrite=true"],
+    refused(run.parent, ["train", str(recipe), f"output.dir={run}", "output.overwrite=true"],
                "holds " + str(data), capfd)
 
 
 def test_output_dir_that_is_a_dangling_link_or_below_a_file(tmp_path, tiny_model, names_file, capfd):
     recipe = write_recipe(tmp_path / "r" / "recipe.yaml", tiny_model, names_file)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    _unchanged(tmp_path, ["train", str(recipe), f"output.dir={tmp_path / 'dangling'}"], "symbolic link to nothing",
+    refused(tmp_path, ["train", str(recipe), f"output.dir={tmp_path / 'dangling'}"], "symbolic link to nothing",
                capfd)
     (tmp_path / "afile").write_text("x")
-    _unchanged(tmp_path, ["train", str(recipe), f"output.dir={tmp_path / 'afile' / 'run'}"], "afile", capfd)
+    refused(tmp_path, ["train", str(recipe), f"output.dir={tmp_path / 'afile' / 'run'}"], "afile", capfd)
 
 
 # ---- merge, student, export: outputs are never inputs, --force replaces only what tunelab made
@@ -131,7 +123,7 @@ def test_merge_never_writes_over_what_it_reads(run, tiny_model, tmp_path, out, c
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["model"]["name"] = str(model)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    _unchanged(tmp_path, ["merge", str(run), str(tmp_path / out), "--force"], "which this command reads", capfd)
+    refused(tmp_path, ["merge", str(run), str(tmp_path / out), "--force"], "which this command reads", capfd)
 
 
 def test_merge_force_replaces_only_its_own_output(run, tmp_path, capfd):
@@ -144,14 +136,14 @@ def test_merge_force_replaces_only_its_own_output(run, tmp_path, capfd):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "keep.txt").write_text("x")
-    _unchanged(tmp_path, ["merge", str(run), str(theirs), "--force"], "not made by tunelab", capfd)
-    line = _unchanged(tmp_path, ["merge", str(run), str(theirs)], "holds files tunelab did not make", capfd)
+    refused(tmp_path, ["merge", str(run), str(theirs), "--force"], "not made by tunelab", capfd)
+    line = refused(tmp_path, ["merge", str(run), str(theirs)], "holds files tunelab did not make", capfd)
     assert "--force" not in line.split(str(theirs))[1]
 
 
 def test_student_onto_its_teacher(tiny_model, tmp_path, capfd):
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
-    _unchanged(tmp_path, ["student", str(model), str(model), "--layers", "0", "--force"], "which this command reads",
+    refused(tmp_path, ["student", str(model), str(model), "--layers", "0", "--force"], "which this command reads",
                capfd)
 
 
@@ -167,7 +159,7 @@ def _classification_run(tmp_path: Path) -> Path:
 
 def test_export_onto_its_run(tmp_path, capfd):
     run = _classification_run(tmp_path)
-    _unchanged(tmp_path, ["export", str(run), str(run), "--force"], "which this command reads", capfd)
+    refused(tmp_path, ["export", str(run), str(run), "--force"], "which this command reads", capfd)
 
 
 # ---- output files
@@ -175,16 +167,16 @@ def test_export_onto_its_run(tmp_path, capfd):
 
 @pytest.mark.parametrize("name", ["config.yaml", "adapter/adapter_model.safetensors", "eval.json"])
 def test_eval_out_never_replaces_a_runs_own_file(run, name, capfd):
-    _unchanged(run.parent, ["eval", str(run), "--out", str(run / name)], "which this command reads", capfd)
+    refused(run.parent, ["eval", str(run), "--out", str(run / name)], "which this command reads", capfd)
 
 
 def test_eval_out_through_a_link_into_the_run(run, tmp_path, capfd):
     (tmp_path / "link.yaml").symlink_to(run / "config.yaml")
-    _unchanged(tmp_path, ["eval", str(run), "--out", str(tmp_path / "link.yaml")], "which this command reads", capfd)
+    refused(tmp_path, ["eval", str(run), "--out", str(tmp_path / "link.yaml")], "which this command reads", capfd)
 
 
 def test_report_out_into_a_compared_run(run, lora_run, capfd):
-    _unchanged(run.parent, ["report", str(run), str(lora_run), "--out", str(run / "eval.json")],
+    refused(run.parent, ["report", str(run), str(lora_run), "--out", str(run / "eval.json")],
                "which this command reads", capfd)
 
 
@@ -192,15 +184,15 @@ def test_predict_output_is_its_input(tmp_path, capfd):
     run = _classification_run(tmp_path)
     f = tmp_path / "texts.jsonl"
     f.write_text('{"text": "emma"}\n')
-    _unchanged(tmp_path, ["predict", str(run), "--input", str(f), "--output", str(f)], "which this command reads",
+    refused(tmp_path, ["predict", str(run), "--input", str(f), "--output", str(f)], "which this command reads",
                capfd)
 
 
 def test_output_files_are_never_devices_or_fifos(run, tmp_path, capfd):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    _unchanged(tmp_path, ["eval", str(run), "--out", str(fifo)], "not a regular file", capfd)
-    _unchanged(tmp_path, ["report", str(run), str(run), "--out", str(fifo)], "not a regular file", capfd)
+    refused(tmp_path, ["eval", str(run), "--out", str(fifo)], "not a regular file", capfd)
+    refused(tmp_path, ["report", str(run), str(run), "--out", str(fifo)], "not a regular file", capfd)
     before = os.stat("/dev/null")
     code, err = run_cli(["eval", str(run), "--out", "/dev/null"], capfd)
     one_line(code, err, "not a regular file")
@@ -323,7 +315,7 @@ def test_a_tilde_output_dir_is_the_folder_named_tilde(run, names_file, tmp_path,
     shutil.copy(names_file, data)
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
     recipe = write_recipe(tmp_path / "r2" / "recipe.yaml", Path(model), data)
-    _unchanged(tmp_path / "~", ["train", str(recipe), "output.dir=~/r", "output.overwrite=true"], "holds", capfd)
+    refused(tmp_path / "~", ["train", str(recipe), "output.dir=~/r", "output.overwrite=true"], "holds", capfd)
 
 
 def test_force_never_replaces_a_directory_being_trained(run, tmp_path, capfd):
@@ -334,7 +326,7 @@ def test_force_never_replaces_a_directory_being_trained(run, tmp_path, capfd):
     try:
         ownership.mark(target, "run")
         (target / "config.yaml").write_text("name: x\n")
-        _unchanged(target, ["merge", str(run), str(target), "--force"], "another tunelab process is writing", capfd)
+        refused(target, ["merge", str(run), str(target), "--force"], "another tunelab process is writing", capfd)
     finally:
         lock.release()
 
@@ -343,14 +335,14 @@ def test_a_symbolic_link_loop_as_data_is_one_line(tmp_path, tiny_model, names_fi
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file)
-    _unchanged(tmp_path, ["train", str(recipe), f"data.train.path={tmp_path / 'loop1'}"], "loop1", capfd)
+    refused(tmp_path, ["train", str(recipe), f"data.train.path={tmp_path / 'loop1'}"], "loop1", capfd)
     recipe.write_text(recipe.read_text().replace(str(names_file), str(tmp_path / "loop1")))
-    _unchanged(tmp_path, ["train", str(recipe)], "loop1", capfd)
+    refused(tmp_path, ["train", str(recipe)], "loop1", capfd)
 
 
 def test_an_output_dir_that_is_not_utf8_is_one_line(tmp_path, tiny_model, names_file, capfd):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model, names_file)
-    _unchanged(tmp_path, ["train", str(recipe), f"output.dir={tmp_path}/r\udcff\udcfe"], "not valid UTF-8", capfd)
+    refused(tmp_path, ["train", str(recipe), f"output.dir={tmp_path}/r\udcff\udcfe"], "not valid UTF-8", capfd)
 
 
 def test_sweep_never_overwrites_tables_it_did_not_write(tmp_path, tiny_model, names_file, capfd):
@@ -359,12 +351,12 @@ def test_sweep_never_overwrites_tables_it_did_not_write(tmp_path, tiny_model, na
     mine.mkdir()
     (mine / "sweep.md").write_text("my notes")
     (mine / "sweep.csv").write_text("name\nalice\n")
-    _unchanged(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(mine)], "sweep.", capfd)
+    refused(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(mine)], "sweep.", capfd)
     data = tmp_path / "data" / "names.txt"
     data.parent.mkdir()
     shutil.copy(names_file, data)
     recipe = write_recipe(tmp_path / "r" / "recipe.yaml", tiny_model, data)
-    _unchanged(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(data.parent)],
+    refused(tmp_path, ["sweep", str(recipe), "--over", "lora.r=2", "--out", str(data.parent)],
                "which this command reads", capfd)
 
 
@@ -372,7 +364,7 @@ def test_output_files_of_the_user_need_force(run, tmp_path, capfd):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for argv in (["eval", str(run), "--out", str(notes)], ["report", str(run), str(run), "--out", str(notes)]):
-        _unchanged(tmp_path, argv, "output file exists (--force replaces it)", capfd)
+        refused(tmp_path, argv, "output file exists (--force replaces it)", capfd)
     page = tmp_path / "compare.html"
     for _ in range(2):  # a page tunelab's report wrote is replaced without --force
         code, err = run_cli(["report", str(run), str(run), "--out", str(page)], capfd)
