@@ -53,7 +53,7 @@ def split_values(text: str) -> list[str]:
 def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, list[str]]]:
     """``key=v1,v2`` -> (key, [v1, v2]); each value stays text (the recipe override parser types it).
     Values split at top-level commas only (see split_values)."""
-    from .config import _suggest, all_keys
+    from .config import all_keys, suggest
 
     axes = []
     for spec in specs:
@@ -62,7 +62,7 @@ def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, l
         if not eq or not key:
             raise TunelabError(f"expected key=v1,v2,..., got {spec!r}", "--over")
         if key not in all_keys():
-            raise TunelabError(f"unknown key {key}{_suggest(key)}", f"--over {spec}")
+            raise TunelabError(f"unknown key {key}{suggest(key)}", f"--over {spec}")
         vals = split_values(values)
         if not values.strip() or any(not v for v in vals):
             raise TunelabError(f"empty value in the axis {key}", f"--over {spec}")
@@ -81,7 +81,7 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     """``NAME: key=value key=value`` -> {NAME: [overrides]}: named bundles of overrides, one axis."""
     import shlex
 
-    from .config import _suggest, all_keys, parse_override
+    from .config import all_keys, parse_override, suggest
 
     variants: dict[str, list[str]] = {}
     for spec in specs:
@@ -101,7 +101,7 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
         for item in items:
             key, _ = parse_override(item)
             if key not in all_keys():
-                raise TunelabError(f"unknown key {key}{_suggest(key)}", f"--variant {spec}")
+                raise TunelabError(f"unknown key {key}{suggest(key)}", f"--variant {spec}")
         variants[name] = items
     return variants
 

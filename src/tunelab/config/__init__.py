@@ -1,0 +1,43 @@
+"""Typed, validated configuration: YAML recipes plus dotted ``key=value`` overrides.
+
+``schema`` holds the sections, keys, types and defaults (once); ``yaml_reader`` reads YAML within bounds;
+``parse`` builds a Config from a recipe and overrides; ``checks`` holds the cross-field rules, pure functions
+over a built config.
+"""
+
+from .checks import check
+from .parse import load_config, parse_override, parse_section, save_config
+from .schema import (
+    INT_LIMIT,
+    MAX_RECIPE_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    SEED_LIMIT,
+    ChatConfig,
+    ClassifyConfig,
+    ColumnsConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    InstructConfig,
+    KDConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    SNIConfig,
+    SourceConfig,
+    SyntheticConfig,
+    TaskConfig,
+    TemplateConfig,
+    TrainConfig,
+    all_keys,
+    flatten,
+    suggest,
+)
+from .yaml_reader import read_yaml
+
+__all__ = ["INT_LIMIT", "MAX_RECIPE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "SEED_LIMIT", "ChatConfig",
+           "ClassifyConfig", "ColumnsConfig", "Config", "DataConfig", "EvalConfig", "InstructConfig", "KDConfig",
+           "LoraConfig", "ModelConfig", "OutputConfig", "SNIConfig", "SourceConfig", "SyntheticConfig", "TaskConfig",
+           "TemplateConfig", "TrainConfig", "all_keys", "check", "flatten", "load_config", "parse_override",
+           "parse_section", "read_yaml", "save_config", "suggest"]
