@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tunelab.config import load_config  # noqa: E402
 from tunelab.data.batching import collate, epoch_batches  # noqa: E402
-from tunelab.data.formats import build_dataset  # noqa: E402
 from tunelab.models import load_tokenizer, resolve_model_path  # noqa: E402
+from tunelab.tasks import build_dataset  # noqa: E402
 
 
 def synthetic_alpaca(path: Path, n: int, mean_tokens: int, seed: int) -> None:

@@ -37,8 +37,8 @@ def results(run_dir) -> dict:
 def examples(cfg: Config, split: str = "train", n: int = 5) -> list[str]:
     """The first n tokenized examples of a split as text, the tokens that carry loss inside ⟦ ⟧."""
     from .cli import _marked
-    from .data.formats import build_dataset
     from .models import load_tokenizer
+    from .tasks import build_dataset
 
     tok = load_tokenizer(cfg.model)
     splits, _, _ = build_dataset(cfg, tok)

@@ -44,7 +44,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .console import say
-    from .data.formats import build_dataset
     from .evaluate import before_after_table, format_confusion
     from .evaluation import (
         base_model_view,
@@ -56,6 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from .evaluation import without_samples as _without_samples
     from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
+    from .tasks import build_dataset
 
     target = Path(args.target)
     is_run = target.is_dir() and (target / "config.yaml").exists()
@@ -259,8 +259,8 @@ def _marked(tok, ids: list[int], labels: list[int], color: bool) -> str:
 
 def cmd_data_show(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.formats import build_dataset
     from .models import load_tokenizer
+    from .tasks import build_dataset
 
     cfg = load_config(args.recipe, args.overrides)
     tok = load_tokenizer(cfg.model)

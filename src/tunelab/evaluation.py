@@ -5,7 +5,6 @@ the base model's scores (before.json) and the tables printed."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import sys
@@ -18,13 +17,12 @@ from .data.formats import Example
 from .errors import TunelabError
 from .evaluate import (
     before_after_table,
-    classification_metrics,
     format_confusion,
     generation_metrics,
     task_table,
     validation_loss,
 )
-from .tasks import objective, stop_ids
+from .tasks import objective, task_of
 
 
 def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list[Example]]:
@@ -51,14 +49,7 @@ def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Exa
         if val:
             out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size,
                                               cfg.train.loss_chunk, loss_fn=objective(cfg)[0])
-        if cfg.task == "classification":
-            if examples:
-                out.update(classification_metrics(model, examples, labels or [], tok.pad_token_id,
-                                                  cfg.eval.batch_size))
-        elif cfg.eval.generate and examples:
-            out.update(generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                          progress=not quiet and sys.stderr.isatty(), display=cfg.eval.display,
-                                          stop_ids=stop_ids(cfg, tok)))
+        out.update(task_of(cfg).score(model, tok, cfg, examples, labels, not quiet and sys.stderr.isatty()))
         out.update(probe_run(model, tok, cfg, examples, quiet))
         return out
 
@@ -71,12 +62,8 @@ def during_training(model, tok, cfg: Config, examples: list[Example], val: list[
     if val:
         rec["val_loss"] = round(validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size,
                                                 cfg.train.loss_chunk, objective(cfg)[0]), 6)
-    if cfg.eval.during_training and cfg.task == "classification" and examples:
-        rec["accuracy"] = classification_metrics(model, examples, labels, tok.pad_token_id,
-                                                 cfg.eval.batch_size)["accuracy"]
-    elif cfg.eval.during_training and cfg.eval.generate and examples:
-        rec["exact_match"] = generation_metrics(model, tok, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                                stop_ids=stop_ids(cfg, tok))["exact_match"]
+    if cfg.eval.during_training and examples:
+        rec.update(task_of(cfg).score_during(model, tok, cfg, examples, labels))
     return rec
 
 
@@ -102,13 +89,13 @@ def check_probes(cfg: Config, examples: list[Example] | None = None, tok=None) -
     from . import probes
 
     if cfg.eval.variations:
-        if cfg.task != "generation":
+        if not task_of(cfg).prompt_variations:
             raise TunelabError("prompt variations are for generation tasks", "eval.variations")
         probes.load_variations(cfg.eval.variations)
         if examples:
             probes.variation_examples(cfg, None, examples[:1], tokenize=False)
     if cfg.eval.control:
-        if cfg.task == "classification":
+        if not task_of(cfg).by_generation:
             raise TunelabError("a control set is scored by generation: not for classification tasks", "eval.control")
         items = probes.load_control(cfg.eval.control)
         convos = [it for it in items if not isinstance(it.prompt, str)]
@@ -124,7 +111,7 @@ def warn_budget(cfg: Config, tok, examples: list[Example], quiet: bool) -> None:
     """Say so when eval.max_new_tokens is too short for some evaluation completions."""
     from .evaluate import over_budget
 
-    if cfg.task != "generation" or not cfg.eval.generate:
+    if not task_of(cfg).checks_answer_budget or not cfg.eval.generate:
         return
     n, longest = over_budget(examples, cfg.eval.max_new_tokens, tok.eos_token_id)
     if n:
@@ -154,7 +141,7 @@ def before_key(cfg: Config, split: str, examples: list[Example]) -> str:
     e = cfg.eval
     key = {"eval": [e.generate, e.max_new_tokens, e.display, e.variations, e.control], "split": split,
            "examples": [x.where for x in examples], "content": content_fingerprint(examples),
-           "chat": dataclasses.asdict(cfg.chat) if cfg.task == "chat" else None}
+           "chat": task_of(cfg).token_settings(cfg).get("chat")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

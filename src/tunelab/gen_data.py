@@ -45,12 +45,14 @@ def verify(fn: Callable, spec: str, item: PromptItem, output: str) -> float:
 def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptItem]:
     """The prompts of a recipe's split, rendered exactly as training renders them."""
     from .data import chat
-    from .data.formats import generation_pairs, split_records
+    from .data.formats import split_records
+    from .tasks import CHAT, GenerationTask, task_of
 
-    if cfg.task == "generation":  # plain, instruction-tuning (a mixture's examples) and SNI recipes alike
-        pairs = generation_pairs(cfg)[0][split]
+    task = task_of(cfg)
+    if isinstance(task, GenerationTask):  # plain, instruction-tuning (a mixture's examples) and SNI recipes alike
+        pairs = task.pairs(cfg)[0][split]
         return [PromptItem(p.record, p.prompt, p.where) for p in pairs[:limit]]
-    if cfg.task != "chat":
+    if task is not CHAT:
         raise TunelabError("generate needs a generation or chat recipe", "task")
     records = split_records(cfg.data, cfg.train.seed)[split]
     if limit is not None:
@@ -91,9 +93,10 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
     from .data.types import IGNORE
     from .evaluate import class_probabilities
     from .models import load_trained_classifier
+    from .tasks import task_of
 
     cfg = load_config(run)
-    if cfg.task != "classification":
+    if task_of(cfg).by_generation:
         raise TunelabError("the critic must be a classification run", str(run))
     model, tok = load_trained_classifier(run, cfg.model)
     if label not in model.labels:

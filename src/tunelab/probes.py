@@ -24,6 +24,7 @@ from .config import Config, SourceConfig, TaskConfig, parse_section
 from .errors import TunelabError, one_line
 from .evaluate import pct as _pct
 from .metrics import MATCHERS, best_of
+from .tasks import task_of
 
 _SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
 
@@ -62,18 +63,6 @@ def load_variations(spec: str):
     return resolve_task(parse_section(TaskConfig, raw, spec), 0, key=spec)
 
 
-def trained_templates(cfg: Config) -> set[tuple[str, str]]:
-    """(prompt, completion) patterns the run trained on."""
-    if cfg.instruct.tasks:
-        from .data.instruct import resolve_tasks
-
-        return {(t.prompt, t.completion) for task in resolve_tasks(cfg)
-                if task.name not in cfg.instruct.held_out_tasks for t in task.train_templates}
-    if cfg.task == "generation" and cfg.data.format == "template" and not cfg.data.formatter:
-        return {(cfg.data.prompt, cfg.data.completion)}
-    return set()
-
-
 def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True, quiet: bool = True) -> list:
     """The evaluation items (distinct source records), each rendered under every variation
     (``tokenize=False``: the pairs only, to check that they render). Every template is scored on the same
@@ -89,7 +78,7 @@ def variation_examples(cfg: Config, tok, examples: list, tokenize: bool = True, 
     for e in examples:
         seen.setdefault(e.where, e.record)
     records = [Record(f, w) for w, f in seen.items()][: cfg.eval.max_examples]
-    trained = trained_templates(cfg)
+    trained = task_of(cfg).trained_templates(cfg)
     pairs = []
     for tmpl in task.templates:
         rng = random.Random(f"{cfg.train.seed}/variations/{tmpl.name}")

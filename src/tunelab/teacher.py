@@ -47,12 +47,13 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     """The teacher in eval mode without gradients, in its own dtype and device (a LoRA run merged)."""
     from .config import load_config
     from .models import load_model, load_trained
+    from .tasks import task_of
 
     kd = cfg.kd
     dtype, dev = teacher_placement(cfg, device)
     if _is_run(kd.teacher):
         tcfg = load_config(kd.teacher)
-        if tcfg.task == "classification":
+        if not task_of(tcfg).by_generation:
             raise TunelabError("the teacher is a classification run; a teacher must generate", "kd.teacher")
         mcfg = ModelConfig(**{**tcfg.model.__dict__, "dtype": dtype, "device": dev})
         model, tok = load_trained(Path(kd.teacher), mcfg)

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from tunelab.config import DataConfig, SourceConfig, load_config
 from tunelab.data import formats
-from tunelab.data.formats import Pair, build_dataset, encode, to_pairs
+from tunelab.data.formats import Pair, encode, to_pairs
 from tunelab.data.readers import read_source
 from tunelab.data.sni import read_tasks
 from tunelab.errors import TunelabError
+from tunelab.tasks import build_dataset
 
 SPECIAL = "not a regular file (a device, FIFO or socket)"
 NUL = "a NUL byte"
@@ -449,11 +450,12 @@ def test_a_parquet_binary_column_is_not_trained_as_its_repr(tmp_path, tiny_model
 def test_binary_values_in_classification_and_instruction_templates(tmp_path):
     from tunelab.config import ClassifyConfig, TaskConfig, TemplateConfig
     from tunelab.data.instruct import render_pair, resolve_task
+    from tunelab.tasks.classification import label_names
 
     data = _parquet(tmp_path / "d.parquet", text=["fine", "bad"], label=[b"pos", b"neg"])
     records = read_source(_src(data))
     with pytest.raises(TunelabError, match="field 'label' is binary data") as e:
-        formats.label_names(records, ClassifyConfig(text="{text}", label="{label}"))
+        label_names(records, ClassifyConfig(text="{text}", label="{label}"))
     assert e.value.where == f"{data}[row 0]"
     task = resolve_task(TaskConfig(name="t", templates=[TemplateConfig(prompt="{label}?", completion="{text}")]), 0)
     import random

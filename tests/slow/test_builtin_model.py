@@ -62,9 +62,10 @@ def test_builtin_chat_template_masks_and_a_few_steps(tmp_path):
     from transformers import AutoTokenizer
 
     from tunelab.config import ChatConfig, DataConfig
-    from tunelab.data.formats import IGNORE, encode_chat
     from tunelab.data.readers import Record
+    from tunelab.data.types import IGNORE
     from tunelab.models import resolve_model_path
+    from tunelab.tasks.chat import encode_chat
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},

@@ -8,9 +8,10 @@ import pytest
 
 from tunelab.config import ChatConfig, DataConfig, load_config
 from tunelab.data import chat
-from tunelab.data.formats import IGNORE, encode_chat
 from tunelab.data.readers import Record
+from tunelab.data.types import IGNORE
 from tunelab.errors import TunelabError
+from tunelab.tasks.chat import encode_chat
 
 # SmolLM2-135M-Instruct's own template (it adds a default system prompt when there is none)
 SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

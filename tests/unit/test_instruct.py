@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tunelab.config import load_config
-from tunelab.data.formats import generation_pairs, instruction_pair, to_pairs
+from tunelab.data.formats import instruction_pair, to_pairs
 from tunelab.data.instruct import builtin_tasks, choose, resolve_tasks
 from tunelab.data.mixture import mixture_counts, take
 from tunelab.data.readers import Record
@@ -18,6 +18,7 @@ from tunelab.data.templates import render, render_options
 from tunelab.errors import TunelabError
 from tunelab.metrics import best_of, exact_match, lcs_length, rouge_l
 from tunelab.selfinstruct import bootstrap_prompt, parse_task, reject_reason
+from tunelab.tasks import generation_pairs
 
 
 def recipe(tmp_path, names_file, instruct: dict, **extra) -> str:
@@ -153,8 +154,8 @@ def test_held_out_templates_and_tasks_never_reach_training(tmp_path, names_file)
 def test_the_training_batches_of_a_run_hold_no_held_out_template(tmp_path, tiny_model, names_file):
     """Through the real data path: build_dataset's training examples, every batch of two epochs."""
     from tunelab.data.batching import epoch_batches
-    from tunelab.data.formats import build_dataset
     from tunelab.models import load_tokenizer
+    from tunelab.tasks import build_dataset
 
     cfg = load_config(recipe(tmp_path, names_file, {"tasks": [{"builtin": "reverse", "held_out_templates": [0, 2]}]},
                              data={"max_length": 64}), [f"model={tiny_model}"])

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import atomic, dist, faults, ownership, tracking
-from ..config import Config, save_config
+from ..config import Config
 from ..console import say
 from ..data.batching import collate
-from ..data.formats import Example, build_dataset
 from ..errors import TunelabError
 from ..evaluation import (
     base_model_view,
@@ -41,66 +37,24 @@ from ..evaluation import (
     kept_before,
     print_before_after,
     warn_budget,
-    without_samples,
 )
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
-from ..tasks import objective, output_name
+from ..tasks import build_dataset, objective, output_name, task_of, trainable_model
 from ..tracking import Trackers
-from . import checkpoint as ckpt
-from . import rundir
+from . import parallel, rundir, saving
 from .forward import compile_layers, eager
+from .kd import distillation_loss
 from .objectives import EarlyStopping, lr_factor
+from .run import Run
 from .state import Interrupted, StopRequest, TrainState, term_as_interrupt
 from .stream import Position, grouped_steps, micro_batches, total_steps
-from .trainable import count_parameters, param_groups, save_trained, trainable_model, trainable_state
+from .trainable import count_parameters, param_groups, save_trained, trainable_state
 
 log = logging.getLogger("tunelab")
 MAX_SKIPPED_IN_A_ROW = 10  # train.nonfinite=skip still stops a run that only produces non-finite steps
 
 __all__ = ["train", "setup", "fit", "finish", "Run", "TrainState", "Interrupted", "Position", "micro_batches",
            "grouped_steps", "total_steps", "mixed_precision"]
-
-
-@dataclass
-class Run:
-    """What a run is made of, built once by ``setup``; the acts read it, only ``state`` changes."""
-
-    cfg: Config
-    dir: Path
-    resume_from: Path | None  # the checkpoint to continue, or None for a fresh run
-    own: bool  # resume_from is one of dir's own checkpoints
-    d: dist.Dist
-    quiet: bool
-    tok: Any
-    model: torch.nn.Module
-    device: torch.device
-    amp: Callable[[], Any]  # the forward pass's autocast (train.precision=mixed), or a null context
-    weights_cfg: Any  # the ModelConfig the weights were loaded with (float32 under mixed precision)
-    model_path: str
-    train_ex: list[Example]
-    val_ex: list[Example]
-    eval_ex: list[Example]
-    split_name: str
-    labels: list[str] | None
-    data_stats: dict
-    loss_fn: Callable[..., tuple[torch.Tensor, Any]]  # (model, batch, chunk) -> (summed loss, count)
-    count: Callable[[dict], float]  # what a step's loss is normalised by
-    opt: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    steps: int
-    n_trainable: int
-    n_total: int
-    tracker_names: list[str]
-    before: dict | None  # the base model's evaluation (None: not evaluated)
-    before_key: str
-    fsdp: bool
-    root: Any  # what DDP/FSDP wrap (the model with its loss), or None in one process
-    t_start: float
-    fingerprint: str = ""
-    content: str = ""
-    lock: ownership.RunLock | None = None
-    train_time: float = 0.0
-    trackers: Trackers | None = field(default=None, repr=False)
 
 
 def train(cfg: Config, resume: bool = False, quiet: bool = False, recipe: str | None = None) -> Path:
@@ -169,9 +123,7 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%), "
         f"mode={cfg.train.mode}", quiet)
     loss_fn, count = objective(cfg)
-    if cfg.kd.teacher is not None:  # a teacher (or its cache) is checked and loaded before anything is written
-        from .kd import distillation_loss
-
+    if cfg.kd.teacher is not None:  # distillation: the teacher (or its cache) is loaded before anything is written
         loss_fn = distillation_loss(cfg, model, tok, splits["train"], device, quiet)
     scored_on = before_key(cfg, split_name, eval_ex)
     before = kept_before(run_dir / "before.json", scored_on, quiet) if own else None
@@ -179,7 +131,7 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
             before = evaluate_run(model, tok, cfg, eval_ex, splits["validation"], quiet, labels, amp)
-    fsdp, root = _parallel(cfg, model, loss_fn, d, quiet)
+    fsdp, root = parallel.wrap(cfg, model, loss_fn, d, quiet)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
@@ -198,10 +150,7 @@ def _check_setup(cfg: Config, d: dist.Dist) -> None:
     if d.on and cfg.train.batch_size % d.world:
         raise TunelabError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {d.world} "
                            "processes (each takes an equal share of every micro-batch)", "train.batch_size")
-    if cfg.model.bos_token is not None and cfg.task == "chat":  # (a saved run that has both still loads)
-        raise TunelabError("with task: chat the chat template decides how a conversation starts: put the start "
-                           "token in the template (chat.template=FILE.jinja) and leave model.bos_token unset",
-                           "model.bos_token")
+    task_of(cfg).check(cfg)
 
 
 def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -242,20 +191,6 @@ def _trainable(cfg: Config, lm: torch.nn.Module, labels: list[str] | None, d: di
     return model
 
 
-def _parallel(cfg: Config, model: torch.nn.Module, loss_fn, d: dist.Dist, quiet: bool) -> tuple[bool, Any]:
-    """(FSDP or not, the module DDP/FSDP wrap: the model with its loss); FSDP shards it now."""
-    fsdp = d.on and cfg.train.parallel == "fsdp"
-    root = dist.LossModule(model, loss_fn) if d.on else None
-    if fsdp:
-        units = dist.shard(root, d)
-        say(f"FSDP over {d.world} processes: parameters, gradients and optimizer state sharded ({units} decoder "
-            f"layers, each a unit; the root holds the rest); each process takes {cfg.train.batch_size // d.world} "
-            "rows of every micro-batch", quiet)
-    elif d.world == 1 and cfg.train.parallel == "fsdp":
-        log.info("train.parallel=fsdp with one process: nothing to shard, training as usual")
-    return fsdp, root
-
-
 # ---- between the acts: the run directory, fresh or resumed
 
 
@@ -276,63 +211,13 @@ def begin(run: Run) -> TrainState:
             if run.dir.exists():
                 ownership.clear(run.dir)  # checked as tunelab's own (or empty) by rundir.prepare
     else:
-        _restore(run, state)
+        saving.restore(run, state)
     if d.main:
-        _write_run_files(run)
+        saving.write_run_files(run)
     run.trackers = Trackers(run.tracker_names, run.dir, cfg.to_dict(), cfg.name) \
         if d.main and run.tracker_names else None
     d.barrier()
     return state
-
-
-def _restore(run: Run, state: TrainState) -> None:
-    """Load the checkpoint into the model, the optimizer, the RNGs and ``state``; tidy the directory."""
-    cfg, d, model = run.cfg, run.d, run.model
-    saved, opt_state, rng, saved_state = ckpt.load_checkpoint(run.resume_from)
-    rundir.check_resumable(saved_state, run.resume_from, cfg, run.train_ex)
-    named = dict(model.named_parameters())
-    missing = [k for k in saved if k not in named]
-    if missing or len(saved) != len(run.params):
-        raise TunelabError("checkpoint does not match this configuration's trainable parameters "
-                           "(was train.mode or lora changed?)", str(run.resume_from))
-    shaped = [k for k, v in saved.items() if not run.fsdp and tuple(v.shape) != tuple(named[k].shape)]
-    if shaped:
-        k = shaped[0]
-        raise TunelabError(f"checkpoint does not match this configuration's trainable parameters: {k} is "
-                           f"{list(saved[k].shape)} there, {list(named[k].shape)} here (was lora.r changed?)",
-                           str(run.resume_from))
-    with torch.no_grad():
-        for k, v in saved.items():
-            dist.load_into(named[k], v.to(run.device))
-    run.opt.load_state_dict(dist.shard_optimizer_state(opt_state, run.opt) if run.fsdp else opt_state)
-    ckpt.set_rng_state(rng, d.rank)
-    state.load_json(saved_state, run.steps)
-    stopper = state.stopper
-    d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
-    if d.main:
-        rundir.tidy_for_resume(run.dir, run.resume_from, run.own, state.step,
-                               stopper.best_step if stopper else None, stopper is not None)
-    if stopper is not None and stopper.best_step == state.step:  # the weights resumed are the best so far
-        best = dist.gather_full(trainable_state(model), d.main)
-        if d.main and rundir.best_weights_step(run.dir / "best") != state.step:
-            rundir.write_best(run.dir, best, state.step, cfg.train.best_metric, stopper.best)
-    say(f"resuming from {run.resume_from} (step {state.step} of {run.steps})", run.quiet)
-
-
-def _write_run_files(run: Run) -> None:
-    """The marker, config.yaml, the data statistics and samples, and the base model's evaluation."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    ownership.mark(run.dir, "run")
-    atomic.write_file(run.dir / "config.yaml", lambda p: save_config(run.cfg, p))
-    if run.resume_from is None or not (run.dir / "data_stats.json").exists():
-        atomic.write_json(run.dir / "data_stats.json", run.data_stats)
-        if "mixture" in run.data_stats:
-            atomic.write_json(run.dir / "mixture.json", run.data_stats["mixture"])
-        from ..report import data_samples
-
-        atomic.write_json(run.dir / "data_samples.json", data_samples(run.train_ex, run.tok))
-    if run.before is not None:
-        atomic.write_json(run.dir / "before.json", {**run.before, "eval_key": run.before_key})
 
 
 # ---- act 2: fit (the step loop)
@@ -348,7 +233,7 @@ def fit(run: Run, state: TrainState) -> None:
                                          state.position), t.grad_accum)
     bar = tqdm(total=run.steps, initial=state.step, desc="train", unit="step",
                disable=run.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    forward, sync, gathered = _wrapped(run)
+    forward, sync, gathered = parallel.wrapped(run)
     metrics_path = run.dir / "metrics.jsonl"
     with atomic.refused_as_one_line(metrics_path):
         metrics_file = open(metrics_path, "a") if d.main else contextlib.nullcontext(None)
@@ -365,7 +250,7 @@ def fit(run: Run, state: TrainState) -> None:
             _log(run, state, rec, (loss, gnorm, dt), metrics, metrics_path, bar)
             stopping = d.any(stop.signal is not None)  # read once, agreed by every process
             if state.step == run.steps or stopping or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
-                _checkpoint(run, state)
+                saving.checkpoint(run, state)
             if stop_now and state.step < run.steps:
                 state.stopped_early = state.step
                 if d.main:
@@ -382,23 +267,6 @@ def fit(run: Run, state: TrainState) -> None:
                                   str(run.dir))
     bar.close()
     run.train_time = time.time() - t_loop
-
-
-def _wrapped(run: Run) -> tuple[Callable, Callable, Callable]:
-    """(forward(batch, chunk) -> (loss_sum, count), the no-gradient-sync context for all but a step's last
-    micro-batch, the context gathering FSDP's parameters for evaluation)."""
-    model, loss_fn, d = run.model, run.loss_fn, run.d
-    forward = lambda b, chunk: loss_fn(model, b, chunk)  # noqa: E731
-    if run.fsdp:
-        return run.root, (lambda: dist.no_gradient_sync(run.root)), (lambda: dist.gathered(run.root))
-    if d.on:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(run.root, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-        say(f"data parallel over {d.world} processes: each takes {run.cfg.train.batch_size // d.world} rows of every "
-            "micro-batch", run.quiet)
-        return ddp, ddp.no_sync, contextlib.nullcontext  # gradients are all-reduced on the last micro-step only
-    return forward, contextlib.nullcontext, contextlib.nullcontext
 
 
 def _micro_batches(run: Run, batches: list[tuple[Position, list[int]]]) -> tuple[list[dict], float, int]:
@@ -526,20 +394,6 @@ def _log(run: Run, state: TrainState, rec: dict[str, Any], raw: tuple[float, flo
             f"{rec['tokens'] / dt:.0f} tok/s{extra}", run.quiet)
 
 
-def _checkpoint(run: Run, state: TrainState) -> None:
-    """A checkpoint of this step (rank 0 writes it; FSDP gathers the whole state first)."""
-    d = run.d
-    params, opt = trainable_state(run.model), run.opt
-    if run.fsdp:  # gathered whole: the checkpoint is the same file as one process writes
-        params, opt = dist.gather_full(params, d.main), dist.full_optimizer_state(run.opt, d.main)
-    rngs = d.gather_object(ckpt.own_rng_state()) if d.on else None  # each process's generators
-    if d.main:
-        ckpt.save_checkpoint(run.dir / "checkpoints", state.step, params, opt,
-                             state.to_json(run.fingerprint, run.content, d.world), run.cfg.train.keep_checkpoints,
-                             rng=ckpt.rng_state(rngs))
-    d.barrier()
-
-
 # ---- act 3: finish (best weights, save, evaluate, report)
 
 
@@ -547,16 +401,16 @@ def finish(run: Run, state: TrainState) -> Path:
     """Rank 0 saves the trained (or best) weights, evaluates them, writes eval.json and the report."""
     cfg, d = run.cfg, run.d
     if run.fsdp:
-        _unshard(run)
+        parallel.unshard(run)
     if not d.main:  # rank 0 saves and evaluates; the others wait for it, then all leave the group together
         d.barrier()  # (a process leaving gloo while another still holds its connections can abort at exit)
         return run.dir
-    _restore_best(run, state)
+    saving.restore_best(run, state)
     if cfg.output.save_model:
         atomic.write_dir(run.dir / output_name(cfg), lambda p: save_trained(run.model, cfg.train.mode, p, run.tok))
     say(f"evaluating the fine-tuned model on {len(run.eval_ex)} {run.split_name} examples ...", run.quiet)
     after = evaluate_run(run.model, run.tok, cfg, run.eval_ex, run.val_ex, run.quiet, run.labels, run.amp)
-    result = _result(run, state, after)
+    result = saving.result(run, state, after)
     if "samples" in after:
         atomic.write_text(run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in after["samples"]))
     print_before_after(run.before, after, cfg.eval.show)
@@ -571,68 +425,4 @@ def finish(run: Run, state: TrainState) -> Path:
     d.barrier()
     return run.dir
 
-
-def _result(run: Run, state: TrainState, after: dict) -> dict[str, Any]:
-    """eval.json: the final metrics, the run's times and sizes, early stopping, the base model's scores."""
-    result = without_samples(after)
-    result.update({"split": run.split_name, "steps": run.steps, "train_time_s": round(run.train_time, 1),
-                   "total_time_s": round(time.time() - run.t_start, 1), "trainable_parameters": run.n_trainable,
-                   "total_parameters": run.n_total, "skipped_steps": state.skipped, "peak_rss_mb": peak_rss_mb()})
-    stopper = state.stopper
-    if stopper is not None:
-        result.update(best_step=stopper.best_step, best_value=stopper.best, best_metric=run.cfg.train.best_metric,
-                      stopped_early_at=state.stopped_early)
-    if run.device.type == "cuda":
-        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
-    if run.before is not None:
-        result["before"] = without_samples(run.before)
-    return result
-
-
-def _restore_best(run: Run, state: TrainState) -> None:
-    """With early stopping, the model saved and evaluated is the best one seen."""
-    stopper = state.stopper
-    if stopper is None or stopper.best_step is None:
-        return
-    if rundir.best_weights_step(run.dir / "best") == stopper.best_step:
-        from safetensors.torch import load_file
-
-        named = dict(run.model.named_parameters())
-        with torch.no_grad():
-            for k, v in load_file(str(run.dir / "best" / "trainable.safetensors")).items():
-                named[k].copy_(v.to(named[k].device))
-        say(f"restored the best weights (step {stopper.best_step}, {run.cfg.train.best_metric} {stopper.best:.4f})",
-            run.quiet)
-    elif stopper.best_step != state.step:
-        log.warning("the best weights (step %d) are not in %s (replaced by a later step that a resume from an "
-                    "earlier checkpoint abandoned): the model saved is the one of step %d", stopper.best_step,
-                    run.dir / "best", state.step)
-
-
-def _unshard(run: Run) -> None:
-    """FSDP: the trained weights gathered whole into rank 0's fresh, unsharded copy of the model."""
-    weights = dist.gather_full(dict(run.model.named_parameters()), run.d.main)
-    run.root = run.model = run.opt = run.loss_fn = None  # the sharded state, freed
-    run.params = []
-    gc.collect()
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if not run.d.main:
-        return
-    lm, _ = load_model(run.weights_cfg, run.model_path, run.tok)
-    model = trainable_model(lm, run.cfg, run.labels)
-    named = dict(model.named_parameters())
-    if set(weights) != set(named):
-        raise RuntimeError(f"FSDP state does not match the model: {sorted(set(weights) ^ set(named))[:3]}")
-    with torch.no_grad():
-        for k, v in weights.items():
-            named[k].copy_(v)
-    run.model = model
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

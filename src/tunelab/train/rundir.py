@@ -21,6 +21,7 @@ from .. import atomic, ownership
 from ..config import Config
 from ..data.formats import Example
 from ..errors import TunelabError
+from ..tasks import task_of
 from . import checkpoint as ckpt
 
 
@@ -41,8 +42,7 @@ def input_paths(cfg: Config) -> list[str]:
         paths.append(str(resolve_model_path(cfg.model.name)))
     paths += [cfg.sni.dir, cfg.kd.cache, cfg.eval.variations if isinstance(cfg.eval.variations, str) else None,
               cfg.eval.control if isinstance(cfg.eval.control, str) else None]
-    if cfg.task == "chat" and cfg.chat.template.endswith(".jinja"):
-        paths.append(cfg.chat.template)
+    paths += task_of(cfg).input_files(cfg)
     return [p for p in paths if isinstance(p, str)]
 
 
@@ -140,12 +140,7 @@ def data_fingerprint(cfg: Config, n_train: int) -> str:
     key = {"data": dataclasses.asdict(cfg.data), "task": cfg.task, "classify": dataclasses.asdict(cfg.classify),
            "seed": cfg.train.seed, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
            "n_train": n_train, "model": cfg.model.name, "init": [cfg.model.init, cfg.model.init_seed]}
-    if cfg.task == "chat":  # the template, system prompt and train_on decide the tokens and their masks
-        key["chat"] = dataclasses.asdict(cfg.chat)
-    if cfg.instruct.tasks:  # the tasks, templates and mixture decide the examples
-        key["instruct"] = dataclasses.asdict(cfg.instruct)
-    if cfg.sni.dir is not None:
-        key["sni"] = dataclasses.asdict(cfg.sni)
+    key.update(task_of(cfg).token_settings(cfg))  # chat: the template; a mixture: its tasks; SNI: its encoding
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,7 +149,7 @@ def data_fingerprints(cfg: Config, n_train: int) -> set[str]:
     paths holds (the path as it was written, relative to the working directory)."""
     found = {data_fingerprint(cfg, n_train)}
     template = cfg.chat.template
-    if cfg.task == "chat" and os.path.isabs(template):
+    if "chat" in task_of(cfg).token_settings(cfg) and os.path.isabs(template):
         legacy = dataclasses.replace(cfg, chat=dataclasses.replace(cfg.chat, template=os.path.relpath(template)))
         found.add(data_fingerprint(legacy, n_train))
     return found

@@ -190,16 +190,6 @@ def save_trained(model: nn.Module, mode: str, out_dir, tokenizer) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def trainable_model(lm: nn.Module, cfg, labels: list[str] | None) -> nn.Module:
-    """The loaded language model made ready to train: dropout override, then what trains (train.mode,
-    LoRA), or a classifier over it (``cfg``: a Config)."""
-    if cfg.train.dropout is not None:
-        set_dropout(lm, cfg.train.dropout)
-    if cfg.task == "classification":
-        return make_classifier(lm, cfg, labels)
-    return apply_mode(lm, cfg.train, cfg.lora)
-
-
 def make_classifier(lm: nn.Module, cfg, labels: list[str] | None) -> nn.Module:
     """LM + K-way head; what trains: the head alone (head), LoRA + head (lora), everything (full), patterns."""
     from ..classify import SequenceClassifier
