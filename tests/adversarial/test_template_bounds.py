@@ -23,12 +23,12 @@ from guard import changes, one_line, run_cli, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunelab.data import chat
+from tunelab.data import chat, chat_render
 from tunelab.errors import TunelabError
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}]
-SECONDS = 0.5  # the time bound in these tests (the real one is chat.RENDER_SECONDS)
+SECONDS = 0.5  # the time bound in these tests (the real one is chat_render.RENDER_SECONDS)
 CHARS = 20_000  # the character bound besides the conversation's own allowance
 
 ENDLESS = {  # templates that would run for hours: the time bound stops them
@@ -91,9 +91,10 @@ def tok(tiny_chat_model):
 
 @pytest.fixture
 def tight(monkeypatch):
-    """Low bounds, so that a test of them takes a second (the real ones: 10 s, 4 M characters)."""
-    monkeypatch.setattr(chat, "RENDER_SECONDS", SECONDS)
-    monkeypatch.setattr(chat, "RENDER_CHARS", CHARS)
+    """Low bounds, so that a test of them takes a second (the real ones: 10 s, 4 M characters); patched in
+    chat_render, where rendering reads them (chat re-exports them)."""
+    monkeypatch.setattr(chat_render, "RENDER_SECONDS", SECONDS)
+    monkeypatch.setattr(chat_render, "RENDER_CHARS", CHARS)
 
 
 def refused(tok, name: str, source: str) -> str:
@@ -130,7 +131,7 @@ def test_on_the_main_thread_the_alarm_alone_stops_it(tok, tight, monkeypatch):
     """With the clock never advancing for the checks between operations, only SIGALRM can stop the loop."""
     import types
 
-    monkeypatch.setattr(chat, "time", types.SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(chat_render, "time", types.SimpleNamespace(monotonic=lambda: 0.0))
     for source in (ENDLESS["nested loops that build nothing"], ENDLESS["a macro called in a loop"]):
         assert f"took more than {SECONDS:g} s" in refused(tok, "loop", source)
 
