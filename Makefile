@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv browser demo demo-long test lint clean
+.PHONY: venv browser demo demo-long test lint docs clean
 
 venv: $(VENV)/.installed
 
@@ -41,5 +41,14 @@ test: venv browser
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# The docs site: the generated reference pages (recipe keys, commands), then mkdocs in strict mode (a broken
+# link or anchor fails the build) into site/. NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner.
+docs: $(VENV)/.docs-installed
+	$(PY) -m tunelab.docs_ref && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
