@@ -52,7 +52,7 @@ class ClassificationTask(Task):
 
     def score_during(self, model, tok, cfg: Config, examples: list[Example],
                      labels: list[str] | None) -> dict[str, Any]:
-        return {"accuracy": classification_metrics(model, examples, labels, tok.pad_token_id,
+        return {"accuracy": classification_metrics(model, examples, labels or [], tok.pad_token_id,
                                                    cfg.eval.batch_size)["accuracy"]}
 
     def output_name(self, cfg: Config) -> str:
