@@ -74,6 +74,7 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     if run.exists() and not run.is_dir():
         raise TunelabError("output.dir is a file, not a directory", str(run))
     mode = "auto" if resume else cfg.train.resume
+    assert isinstance(mode, str), "the recipe parser spells train.resume true/false as auto/never"
     if mode not in ("never", "auto"):
         path = Path(mode)
         if not ckpt.verify(path):
