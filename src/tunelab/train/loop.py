@@ -255,6 +255,7 @@ def fit(run: Run, state: TrainState) -> None:
                 state.stopped_early = state.step
                 if d.main:
                     st = state.stopper
+                    assert st is not None, "only early stopping stops early"
                     say(f"early stopping at step {state.step}: no {t.best_metric} improvement in {st.patience} "
                         f"evaluations (best at step {st.best_step}: {st.best:.4f})", run.quiet)
                 break
@@ -273,7 +274,9 @@ def _micro_batches(run: Run, batches: list[tuple[Position, list[int]]]) -> tuple
     """A step's micro-batches as tensors (this process's rows), the step's normaliser over every process's
     rows, and its tokens."""
     d, pad = run.d, run.tok.pad_token_id
-    micro, n_sup, n_tok = [], 0, 0
+    micro: list[dict] = []
+    n_sup: float = 0
+    n_tok = 0
     for _, idx in batches:
         whole = collate([run.train_ex[i] for i in idx], pad)  # the global micro-batch
         n_sup += run.count(whole)  # the step's loss is normalised over every process's rows

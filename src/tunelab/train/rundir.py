@@ -225,7 +225,7 @@ def best_weights_step(path: Path) -> int | None:
         return None
 
 
-def write_best(run: Path, params: dict[str, torch.Tensor], step: int, metric: str, value: float) -> None:
+def write_best(run: Path, params: dict[str, torch.Tensor], step: int, metric: str, value: float | None) -> None:
     from safetensors.torch import save_file
 
     def write(path: Path) -> None:
