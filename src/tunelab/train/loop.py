@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +49,9 @@ from .run import Run
 from .state import Interrupted, StopRequest, TrainState, term_as_interrupt
 from .stream import Position, grouped_steps, micro_batches, total_steps
 from .trainable import count_parameters, param_groups, save_trained, trainable_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("tunelab")
 MAX_SKIPPED_IN_A_ROW = 10  # train.nonfinite=skip still stops a run that only produces non-finite steps
@@ -179,7 +182,7 @@ def _describe_data(stats: dict, quiet: bool) -> None:
             f"{', '.join(stats['sni']['eval_tasks'])}", quiet)
 
 
-def _trainable(cfg: Config, lm: torch.nn.Module, labels: list[str] | None, d: dist.Dist,
+def _trainable(cfg: Config, lm: PreTrainedModel, labels: list[str] | None, d: dist.Dist,
                quiet: bool) -> torch.nn.Module:
     """What trains (train.mode, LoRA, a classifier), compiled where train.compile asks."""
     model = trainable_model(lm, cfg, labels)
