@@ -60,7 +60,7 @@ def write_dir(target: Path, write: Callable[[Path], None], marker: str | None = 
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def write_file(path: Path, write: Callable[[Path], None]) -> None:
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path) on a temporary sibling of path, then rename it into place."""
     path = Path(path)
     check_output_path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,8 @@ class SequenceClassifier(nn.Module):
         self.lm = lm
         self.labels = list(labels)
         self.pooling = pooling
-        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else parts[1].in_features
+        # (an int: the config's and the head's own attributes, which torch's types give as Tensor | Module)
+        hidden = cast(int, lm.config.hidden_size if hasattr(lm.config, "hidden_size") else parts[1].in_features)
         ref = next(lm.parameters())
         self.head = nn.Linear(hidden, len(labels), bias=bias, device=ref.device, dtype=torch.float32)
         nn.init.normal_(self.head.weight, std=hidden ** -0.5 / 4)
@@ -80,7 +82,9 @@ class SequenceClassifier(nn.Module):
 
     @property
     def body(self) -> nn.Module:
-        return split_head(self.lm)[0]
+        parts = split_head(self.lm)
+        assert parts is not None, "checked in __init__"
+        return parts[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -190,7 +190,8 @@ def _positional_usage(action: argparse.Action) -> str:
     name = _metavar(action)
     if isinstance(action, argparse._SubParsersAction):
         return f"{name} ..."
-    return {"*": f"[{name} ...]", "+": f"{name} [{name} ...]", "?": f"[{name}]"}.get(action.nargs, name)
+    shapes: dict[str | int | None, str] = {"*": f"[{name} ...]", "+": f"{name} [{name} ...]", "?": f"[{name}]"}
+    return shapes.get(action.nargs, name)
 
 
 def _visible(parser: argparse.ArgumentParser) -> list[argparse.Action]:

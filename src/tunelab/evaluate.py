@@ -61,12 +61,12 @@ def generation_metrics(model, tokenizer, examples: list[Example], max_new_tokens
     prompts = [e.input_ids[:e.prompt_len] if e.prompt_len is not None else e.prompt for e in examples]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress, stop_ids=stop_ids)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e, (out,) in zip(examples, outputs):
         shown = render(display, e.record, e.where, "eval.display") if display else (e.shown or e.prompt)
         refs = e.references or [e.completion]
         match = answer_match if e.references else exact_match  # several valid answers: SNI's normalised match
-        row = {"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
+        row: dict[str, Any] = {"input": shown, "prompt": e.prompt, "expected": e.completion, "output": out,
                "correct": bool(best_of(match, out, refs)), "rouge_l": best_of(rouge_l, out, refs)}
         if e.group is not None:
             row.update(group=e.group, held_out=e.held_out)
@@ -160,7 +160,7 @@ def class_probabilities(model, examples: list[Example], pad_id: int, batch_size:
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out = [None] * len(examples)
+    out: list[torch.Tensor | None] = [None] * len(examples)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = collate([examples[i] for i in idx], pad_id)
@@ -168,7 +168,8 @@ def class_probabilities(model, examples: list[Example], pad_id: int, batch_size:
         for j, i in enumerate(idx):
             out[i] = probs[j]
     model.train(was_training)
-    return torch.stack(out) if out else torch.zeros(0, 0)
+    rows = [p for p in out if p is not None]  # (every example's: ``order`` covers them all)
+    return torch.stack(rows) if rows else torch.zeros(0, 0)
 
 
 def confusion_matrix(gold: list[int], pred: list[int], k: int) -> list[list[int]]:

@@ -98,13 +98,13 @@ def check_probes(cfg: Config, examples: list[Example] | None = None, tok=None) -
         if not task_of(cfg).by_generation:
             raise TunelabError("a control set is scored by generation: not for classification tasks", "eval.control")
         items = probes.load_control(cfg.eval.control)
-        convos = [it for it in items if not isinstance(it.prompt, str)]
+        convos = [(it.prompt, it.where) for it in items if not isinstance(it.prompt, str)]
         if convos and tok is not None:
             from .data import chat
 
             tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
-            for it in convos:
-                chat.render(tmpl, it.prompt, True, tok, it.where)
+            for messages, where in convos:
+                chat.render(tmpl, messages, True, tok, where)
 
 
 def warn_budget(cfg: Config, tok, examples: list[Example], quiet: bool) -> None:

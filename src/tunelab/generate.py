@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
@@ -19,7 +21,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int = 32,
+def generate(model, tokenizer, prompts: Sequence[str | list[int]], max_new_tokens: int = 32,
              batch_size: int = 64, temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
              progress: bool = False, seed: int | None = None, stop_ids: list[int] | None = None) -> list[list[str]]:
     """Completions for each prompt (``num_return_sequences`` each), decoded without special tokens.
@@ -33,7 +35,7 @@ def generate(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tok
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = [p if isinstance(p, list) else None for p in prompts]
+    rows: list[list[int]] = [p if isinstance(p, list) else [] for p in prompts]  # a text's ids: filled below
     texts = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
     if texts:
         enc = tokenizer([prompts[i] for i in texts], add_special_tokens=True)["input_ids"]

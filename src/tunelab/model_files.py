@@ -11,6 +11,7 @@ is wrong with it. ``models`` loads, and calls these.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ def _unreadable(err: Exception, where: str, name: str = "") -> TunelabError:
                         f"{one_line(err)[:200]})", where)
 
 
-def _corrupt_errors() -> tuple[type[BaseException], ...]:
+def _corrupt_errors() -> tuple[type[Exception], ...]:
     """What a truncated safetensors file or a broken JSON config raises while loading."""
     import json
 
@@ -38,7 +39,7 @@ _JSON_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "specia
                "generation_config.json", "added_tokens.json", "adapter_config.json")
 
 
-def _read_json(path: Path) -> tuple[object, TunelabError | None]:
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, TunelabError | None]:
     """A JSON file's value, or the one-line error saying how it is damaged."""
     import json
 
@@ -54,7 +55,7 @@ def _read_json(path: Path) -> tuple[object, TunelabError | None]:
     return value, None
 
 
-def _wrong_type(conf: dict, fields: dict[str, tuple[tuple[type, ...], str]]) -> str | None:
+def _wrong_type(conf: dict, fields: dict[str, _Kinds]) -> str | None:
     """The first field of ``conf`` whose value is not of its kinds (None is always allowed; a bool is no number)."""
     for key, (kinds, name) in fields.items():
         v = conf.get(key)
@@ -63,16 +64,17 @@ def _wrong_type(conf: dict, fields: dict[str, tuple[tuple[type, ...], str]]) -> 
     return None
 
 
-_TOKEN = ((str, dict), "a token (text)")
-_TOKENS = ((list, dict), "a list of tokens")
-_TOKENIZER_FIELDS = {
+_Kinds = tuple[tuple[type, ...], str]  # the types a field may hold, and their name in an error
+_TOKEN: _Kinds = ((str, dict), "a token (text)")
+_TOKENS: _Kinds = ((list, dict), "a list of tokens")
+_TOKENIZER_FIELDS: dict[str, _Kinds] = {
     **{k: _TOKEN for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                            "mask_token")},
     "additional_special_tokens": _TOKENS, "extra_special_tokens": _TOKENS, "tokenizer_class": ((str,), "text"),
     "chat_template": ((str, list, dict), "text"), "model_max_length": ((int, float), "a number"),
     "added_tokens_decoder": ((dict,), "an object"),
 }
-_ADAPTER_FIELDS = {
+_ADAPTER_FIELDS: dict[str, _Kinds] = {
     "peft_type": ((str,), "text"), "r": ((int,), "an integer"), "lora_alpha": ((int, float), "a number"),
     "lora_dropout": ((int, float), "a number"), "target_modules": ((list, str), "a list of module names"),
     "modules_to_save": ((list,), "a list of module names"), "bias": ((str,), "text"),
@@ -93,6 +95,7 @@ def diagnose(d: Path) -> TunelabError | None:
         value, err = _read_json(path)
         if err is not None:
             return err
+        assert value is not None, "_read_json gives a value whenever it gives no error"
         fields = {"tokenizer_config.json": _TOKENIZER_FIELDS, "adapter_config.json": _ADAPTER_FIELDS}.get(name)
         if fields and (problem := _wrong_type(value, fields)):
             return TunelabError(f"{problem}: the file is damaged", str(path))

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -271,12 +272,13 @@ def load_model(cfg: ModelConfig, path: str | None = None, tok=None):
     else:
         check_weights_are_safe(path, cfg.allow_pickle)
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
+            # with output_loading_info, (model, loading info): transformers annotates the model alone
+            model, info = cast("tuple[Any, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                 use_safetensors=None if cfg.allow_pickle else True,  # from the hub too: safetensors only
                 output_loading_info=True, ignore_mismatched_sizes=True,  # reported by check_loading, not raised
                 **attn,
-            )
+            ))
         except TunelabError:
             raise
         except Exception as e:  # a damaged file raises anything (KeyError, TypeError, validation errors ...)
@@ -322,7 +324,7 @@ def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
                            str(run_dir))
     try:
         meta = read_head_meta(out)
-    except (*_corrupt_errors(), UnicodeDecodeError) as e:
+    except _corrupt_errors() + (UnicodeDecodeError,) as e:
         raise _unreadable(e, str(out), LABELS_FILE) from None
     if name == "model":
         lm, tok = load_model(ModelConfig(**{**cfg.__dict__, "name": str(out), "init": "pretrained"}))
@@ -334,6 +336,6 @@ def load_trained_classifier(run_dir: Path, cfg: ModelConfig):
     clf = SequenceClassifier(lm, meta["labels"], meta["pooling"], meta["bias"])
     try:
         clf.load_head(out)
-    except (*_corrupt_errors(), UnicodeDecodeError) as e:
+    except _corrupt_errors() + (UnicodeDecodeError,) as e:
         raise _unreadable(e, str(out), HEAD_FILE) from None  # (classifier.json has been read above)
     return clf.eval(), tok

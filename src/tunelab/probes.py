@@ -167,11 +167,15 @@ def score_control(model, tok, cfg: Config, items: list[ControlItem], progress: b
     for i, it in enumerate(items):
         groups.setdefault((it.max_new_tokens, isinstance(it.prompt, str)), []).append(i)
     for (mnt, is_text), mine in sorted(groups.items()):
-        stops = None if is_text else [chat.stop_id(tmpl, tok)]  # a conversation's turn ends on its own token
+        stops: list[int] | None = None
+        if not is_text:  # a conversation's turn ends on its own token
+            assert tmpl is not None, "resolved above for the conversations"
+            stops = [chat.stop_id(tmpl, tok)]
         for i, (out,) in zip(mine, generate(model, tok, [prompts[i] for i in mine], max_new_tokens=mnt,
                                             batch_size=cfg.eval.batch_size, progress=progress, stop_ids=stops)):
             outputs[i] = out
-    rows, kinds = [], {}
+    rows: list[dict[str, Any]] = []
+    kinds: dict[str, list[float]] = {}
     for it, out in zip(items, outputs):
         score = best_of(MATCHERS[it.match], out, it.expected)
         shown = it.prompt if isinstance(it.prompt, str) else it.prompt[-1]["content"]

@@ -31,7 +31,9 @@ METRICS = ("exact_match", "accuracy")
 def split_values(text: str) -> list[str]:
     """``v1,v2,...`` at its top-level commas: a comma inside brackets or braces (a YAML list or mapping:
     ``[q_proj,v_proj]``) or inside quotes (``"Reverse, please: {name}"``) stays in its value."""
-    out, cur, depth, quote = [], [], 0, ""
+    out: list[str] = []
+    cur: list[str] = []
+    depth, quote = 0, ""
     for ch in text:
         if quote:
             quote = "" if ch == quote else quote
@@ -55,7 +57,7 @@ def parse_axes(specs: list[str], allow_empty: bool = False) -> list[tuple[str, l
     Values split at top-level commas only (see split_values)."""
     from .config import all_keys, suggest
 
-    axes = []
+    axes: list[tuple[str, list[str]]] = []
     for spec in specs:
         key, eq, values = spec.partition("=")
         key = key.strip()

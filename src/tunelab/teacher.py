@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,6 +28,7 @@ def teacher_tokenizer(kd: KDConfig):
     from .config import load_config
     from .models import load_tokenizer
 
+    assert kd.teacher is not None, "called for a distillation recipe, which names its teacher"
     if _is_run(kd.teacher):
         return load_tokenizer(load_config(kd.teacher).model)
     return load_tokenizer(ModelConfig(name=kd.teacher))
@@ -50,6 +52,7 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     from .tasks import task_of
 
     kd = cfg.kd
+    assert kd.teacher is not None, "called for a distillation recipe, which names its teacher"
     dtype, dev = teacher_placement(cfg, device)
     if _is_run(kd.teacher):
         tcfg = load_config(kd.teacher)
@@ -73,11 +76,13 @@ def load_teacher(cfg: Config, student_tok, device: torch.device):
     return model, vocab
 
 
-def teacher_placement(cfg: Config, device: torch.device) -> tuple[str, str]:
+def teacher_placement(cfg: Config, device: torch.device
+                      ) -> tuple[Literal["float32", "bfloat16", "float16", "auto"], Literal["cpu", "cuda"]]:
     """The teacher's dtype and device as configured (kd.teacher_dtype / kd.teacher_device, auto: the student's)."""
     kd = cfg.kd
     dtype = cfg.model.dtype if kd.teacher_dtype == "auto" else kd.teacher_dtype
-    dev = "cuda" if kd.teacher_device == "auto" and device.type == "cuda" else kd.teacher_device
+    dev: Literal["auto", "cpu", "cuda"] = (
+        "cuda" if kd.teacher_device == "auto" and device.type == "cuda" else kd.teacher_device)
     return dtype, "cpu" if dev == "auto" else dev
 
 
@@ -116,7 +121,9 @@ def build_cache(teacher, examples, vocab: int, k: int, pad_id: int, batch_size: 
     from .data.batching import collate
     from .train.forward import body_hidden, split_head
 
-    body, head = split_head(teacher)
+    parts = split_head(teacher)
+    assert parts is not None, "load_teacher refuses a teacher whose logits are not head(hidden)"
+    body, head = parts
     device = next(teacher.parameters()).device
     logps, idxs, counts = [], [], []
     for s in tqdm(range(0, len(examples), batch_size), desc="teacher top-k", disable=not progress, leave=False):
@@ -140,6 +147,7 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
     from safetensors.torch import load_file, save_file
 
     kd = cfg.kd
+    assert kd.cache is not None, "called when the recipe sets kd.cache"
     path = Path(kd.cache)
     from .models import resolve_device, resolve_dtype
 
@@ -156,11 +164,13 @@ def load_or_build_cache(cfg: Config, student_tok, examples, device: torch.device
         if meta.get("fingerprint") != known or _meta_int(meta, "examples") != len(examples):
             raise TunelabError("the cached teacher log-probabilities were computed for other data or another "
                                "teacher: delete the file or point kd.cache elsewhere", str(path))
-        if _meta_int(meta, "top_k") != min(kd.top_k, len(student_tok)):
+        top_k = _meta_int(meta, "top_k")
+        if top_k != min(kd.top_k, len(student_tok)):
             raise TunelabError(f"the cache holds top-{meta.get('top_k')} log-probabilities, the recipe asks for "
                                f"kd.top_k={kd.top_k}", str(path))
         vocab = check_vocab(student_tok, teacher_tokenizer(kd))
-        check_cache(cache, examples, _meta_int(meta, "top_k"), vocab, path)
+        assert top_k is not None, "equal to min(kd.top_k, vocabulary size): checked above"
+        check_cache(cache, examples, top_k, vocab, path)
         log.info("teacher top-%s log-probabilities from %s", meta.get("top_k"), path)
         return cache, vocab
     teacher, vocab = load_teacher(cfg, student_tok, device)

@@ -63,7 +63,7 @@ def _coerce(value: Any, tp: Any, key: str, loc: Located) -> Any:
         if value not in choices:
             raise TunelabError(f"{key}: must be one of {', '.join(choices)}; got {show(value)}", loc.of(key))
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         plain = unindexed(key)
         if isinstance(value, str) and plain in SHORTHAND:
             value = {SHORTHAND[plain]: value}
@@ -235,10 +235,11 @@ def _resolve_source_paths(raw: dict, base: Path) -> None:
     if isinstance(sni, dict) and isinstance(sni.get("dir"), str):
         sni["dir"] = os.path.realpath(base / os.path.expanduser(sni["dir"]))
     ev = raw.get("eval")
-    for key in ("variations", "control"):
-        value = ev.get(key) if isinstance(ev, dict) else None
-        if isinstance(value, str) and value.endswith(FILE_SUFFIXES):  # a file, not a built-in task's name
-            ev[key] = os.path.realpath(base / os.path.expanduser(value))
+    if isinstance(ev, dict):
+        for key in ("variations", "control"):
+            value = ev.get(key)
+            if isinstance(value, str) and value.endswith(FILE_SUFFIXES):  # a file, not a built-in task's name
+                ev[key] = os.path.realpath(base / os.path.expanduser(value))
     chat = raw.get("chat")
     if isinstance(chat, dict):
         chat["template"] = _template_file(chat.get("template"), base)

@@ -498,10 +498,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def dataclass_of(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
             return arg
     return None
 

@@ -133,7 +133,10 @@ def resolve_template(spec: str, tok, stop: str | None = None) -> ChatTemplate:
 
 def stop_id(tmpl: ChatTemplate, tok) -> int:
     """The end-of-turn token's id (resolve_template has checked that it is one token)."""
-    return _single_token(tok, tmpl.stop)
+    assert tmpl.stop is not None, "a template from resolve_template has its end-of-turn token"
+    tid = _single_token(tok, tmpl.stop)
+    assert tid is not None, "resolve_template checked that the end-of-turn token is one token"
+    return tid
 
 
 # ---- messages -> ids and labels

@@ -288,6 +288,7 @@ def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, 
     from .synthetic import synthesize
 
     f = cfg.synthetic.field
+    assert f is not None, "the recipe's checks require data.synthetic.field when data.synthetic.count is set"
     values = []
     for r in train:
         v = r.fields.get(f)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections import Counter, defaultdict
+from collections.abc import Set as AbstractSet
 
 from .mixture import proportional_counts
 
@@ -42,7 +43,8 @@ class CharNgram:
 
     def sample(self, rng: random.Random, max_len: int) -> str | None:
         """One string, or None when it runs past max_len characters."""
-        ctx, out = BOS * self.context, []
+        ctx = BOS * self.context
+        out: list[str] = []
         while True:
             chars, cum = self.table[ctx]
             ch = chars[bisect.bisect_right(cum, rng.random() * cum[-1])]
@@ -60,7 +62,7 @@ def same_value(s: str) -> str:
     return s.strip().casefold()
 
 
-def synthesize(values: list[str], count: int, order: int, seed: int, exclude: set[str] = frozenset(),
+def synthesize(values: list[str], count: int, order: int, seed: int, exclude: AbstractSet[str] = frozenset(),
                tries_per_value: int = 20) -> list[str]:
     """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``
     (compared up to case and surrounding spaces, ``same_value``), with the length distribution of

@@ -8,7 +8,7 @@ generation (prompt -> completion), instruct (a FLAN-style mixture of generation 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -22,6 +22,9 @@ from .classification import ClassificationTask
 from .generation import GenerationTask
 from .instruct import InstructTask
 from .sni import SNITask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 GENERATION, INSTRUCT, SNI, CHAT, CLASSIFICATION = (GenerationTask(), InstructTask(), SNITask(), ChatTask(),
                                                    ClassificationTask())
@@ -58,7 +61,7 @@ def generation_pairs(cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]
     return pairs, extra or None
 
 
-def trainable_model(lm: nn.Module, cfg: Config, labels: list[str] | None) -> nn.Module:
+def trainable_model(lm: PreTrainedModel, cfg: Config, labels: list[str] | None) -> nn.Module:
     """The loaded language model made ready to train: dropout override, then what the task trains (train.mode,
     LoRA, a classifier over it)."""
     if cfg.train.dropout is not None:

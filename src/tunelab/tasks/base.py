@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from ..data.types import IGNORE, Example
 from ..evaluate import generation_metrics
 from ..train.forward import causal_lm_loss_sum, packed_loss_sum
 from ..train.trainable import apply_mode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LossFn = Callable[..., tuple[torch.Tensor, Any]]  # (model, batch, chunk) -> (summed loss, count)
 Count = Callable[[dict[str, torch.Tensor]], float]  # what a step's loss is normalised by
@@ -66,7 +69,7 @@ class Task:
 
     # ---- the model and its objective
 
-    def trainable(self, lm: nn.Module, cfg: Config, labels: list[str] | None) -> nn.Module:
+    def trainable(self, lm: PreTrainedModel, cfg: Config, labels: list[str] | None) -> nn.Module:
         """The loaded language model made ready to train: what trains (train.mode, LoRA)."""
         return apply_mode(lm, cfg.train, cfg.lora)
 

@@ -3,7 +3,7 @@ cross-entropy of the class, scored by accuracy (and macro-F1, the confusion matr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from ..errors import TunelabError
 from ..evaluate import classification_metrics
 from ..train.trainable import make_classifier
 from .base import SPLITS, Count, LossFn, Splits, Task, check_display
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class ClassificationTask(Task):
@@ -52,14 +55,14 @@ class ClassificationTask(Task):
 
     def score_during(self, model, tok, cfg: Config, examples: list[Example],
                      labels: list[str] | None) -> dict[str, Any]:
-        return {"accuracy": classification_metrics(model, examples, labels, tok.pad_token_id,
+        return {"accuracy": classification_metrics(model, examples, labels or [], tok.pad_token_id,
                                                    cfg.eval.batch_size)["accuracy"]}
 
     def output_name(self, cfg: Config) -> str:
         """classifier/ when the head alone trains; otherwise as any task (adapter/ or model/)."""
         return "classifier" if cfg.train.mode == "head" else super().output_name(cfg)
 
-    def trainable(self, lm: nn.Module, cfg: Config, labels: list[str] | None) -> nn.Module:
+    def trainable(self, lm: PreTrainedModel, cfg: Config, labels: list[str] | None) -> nn.Module:
         return make_classifier(lm, cfg, labels)
 
 

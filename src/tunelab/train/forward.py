@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import cast
 
 import torch
 from torch import nn
@@ -86,7 +87,8 @@ def _has_active_dropout(model: nn.Module) -> bool:
     for m in model.modules():
         if isinstance(m, nn.Dropout) and m.p > 0:
             return True
-        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+        attn_p = getattr(m, "attention_dropout", None)
+        if isinstance(attn_p, float) and attn_p > 0:
             return True
     return False
 
@@ -194,8 +196,8 @@ def sum_over_groups(batch: dict[str, torch.Tensor], head: nn.Module, group_loss,
         s, n = group_loss(idx, ids, mask, labels, cut, w)
         total = s if total is None else total + s
         count += n
-    if total is None:
-        return sum(p.sum() for p in head.parameters()) * 0.0, 0
+    if total is None:  # (a head has parameters: the sum is a tensor)
+        return cast(torch.Tensor, sum(p.sum() for p in head.parameters()) * 0.0), 0
     return total, count
 
 

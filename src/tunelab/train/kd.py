@@ -3,6 +3,8 @@ its top-k log-probabilities (the divergences themselves are in ``train.distill``
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..config import Config
@@ -18,24 +20,29 @@ def distillation_loss(cfg: Config, model, tok, train_ex: list[Example], device: 
     from .forward import body_hidden, pad_last, split_head, sum_over_groups
 
     kd = cfg.kd
-    if split_head(model) is None:
+    s_parts = split_head(model)
+    if s_parts is None:
         raise TunelabError("distillation needs a model whose logits are head(hidden)", "model.name")
     cache = teacher = None
     if kd.cache:
         cache, vocab = load_or_build_cache(cfg, tok, train_ex, device, quiet)
     else:
         teacher, vocab = load_teacher(cfg, tok, device)
-        t_body, t_head = split_head(teacher)
+        t_parts = split_head(teacher)
+        assert t_parts is not None, "load_teacher refuses a teacher whose logits are not head(hidden)"
+        t_body, t_head = t_parts
         t_device = next(teacher.parameters()).device
     say(f"distilling from {kd.teacher}: alpha={kd.alpha}, T={kd.temperature}, {kd.divergence}"
         + (f", top-{kd.top_k} cache {kd.cache}" if cache else ""), quiet)
-    s_head_out = split_head(model)[1].weight.shape[0]
+    s_head_out = cast(torch.Tensor, s_parts[1].weight).shape[0]  # (torch types a module's attribute loosely)
     if s_head_out < vocab:
         raise TunelabError(f"the student's output layer has {s_head_out} rows, fewer than the {vocab} tokens",
                            "model.name")
 
     def loss_fn(m, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, int]:
-        body, head = split_head(m)
+        parts = split_head(m)
+        assert parts is not None, "m is the student, checked above"
+        body, head = parts
 
         def group_loss(idx, ids, mask, labels, cut, w):
             hidden = pad_last(body_hidden(body, ids, mask), cut)

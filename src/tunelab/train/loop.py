@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +49,9 @@ from .run import Run
 from .state import Interrupted, StopRequest, TrainState, term_as_interrupt
 from .stream import Position, grouped_steps, micro_batches, total_steps
 from .trainable import count_parameters, param_groups, save_trained, trainable_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("tunelab")
 MAX_SKIPPED_IN_A_ROW = 10  # train.nonfinite=skip still stops a run that only produces non-finite steps
@@ -179,7 +182,7 @@ def _describe_data(stats: dict, quiet: bool) -> None:
             f"{', '.join(stats['sni']['eval_tasks'])}", quiet)
 
 
-def _trainable(cfg: Config, lm: torch.nn.Module, labels: list[str] | None, d: dist.Dist,
+def _trainable(cfg: Config, lm: PreTrainedModel, labels: list[str] | None, d: dist.Dist,
                quiet: bool) -> torch.nn.Module:
     """What trains (train.mode, LoRA, a classifier), compiled where train.compile asks."""
     model = trainable_model(lm, cfg, labels)
@@ -255,6 +258,7 @@ def fit(run: Run, state: TrainState) -> None:
                 state.stopped_early = state.step
                 if d.main:
                     st = state.stopper
+                    assert st is not None, "only early stopping stops early"
                     say(f"early stopping at step {state.step}: no {t.best_metric} improvement in {st.patience} "
                         f"evaluations (best at step {st.best_step}: {st.best:.4f})", run.quiet)
                 break
@@ -273,7 +277,9 @@ def _micro_batches(run: Run, batches: list[tuple[Position, list[int]]]) -> tuple
     """A step's micro-batches as tensors (this process's rows), the step's normaliser over every process's
     rows, and its tokens."""
     d, pad = run.d, run.tok.pad_token_id
-    micro, n_sup, n_tok = [], 0, 0
+    micro: list[dict] = []
+    n_sup: float = 0
+    n_tok = 0
     for _, idx in batches:
         whole = collate([run.train_ex[i] for i in idx], pad)  # the global micro-batch
         n_sup += run.count(whole)  # the step's loss is normalised over every process's rows

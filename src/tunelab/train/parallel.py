@@ -26,6 +26,7 @@ def wrap(cfg: Config, model: torch.nn.Module, loss_fn, d: dist.Dist, quiet: bool
     fsdp = d.on and cfg.train.parallel == "fsdp"
     root = dist.LossModule(model, loss_fn) if d.on else None
     if fsdp:
+        assert root is not None, "fsdp implies several processes (d.on)"
         units = dist.shard(root, d)
         say(f"FSDP over {d.world} processes: parameters, gradients and optimizer state sharded ({units} decoder "
             f"layers, each a unit; the root holds the rest); each process takes {cfg.train.batch_size // d.world} "
@@ -55,7 +56,8 @@ def wrapped(run: Run) -> tuple[Callable, Callable, Callable]:
 def unshard(run: Run) -> None:
     """FSDP: the trained weights gathered whole into rank 0's fresh, unsharded copy of the model."""
     weights = dist.gather_full(dict(run.model.named_parameters()), run.d.main)
-    run.root = run.model = run.opt = run.loss_fn = None  # the sharded state, freed
+    # the sharded state, freed (rank 0 gets a model again below; the others only wait and leave)
+    run.root = run.model = run.opt = run.loss_fn = None  # type: ignore[assignment]
     run.params = []
     gc.collect()
     if run.device.type == "cuda":

@@ -74,6 +74,7 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     if run.exists() and not run.is_dir():
         raise TunelabError("output.dir is a file, not a directory", str(run))
     mode = "auto" if resume else cfg.train.resume
+    assert isinstance(mode, str), "the recipe parser spells train.resume true/false as auto/never"
     if mode not in ("never", "auto"):
         path = Path(mode)
         if not ckpt.verify(path):
@@ -224,7 +225,7 @@ def best_weights_step(path: Path) -> int | None:
         return None
 
 
-def write_best(run: Path, params: dict[str, torch.Tensor], step: int, metric: str, value: float) -> None:
+def write_best(run: Path, params: dict[str, torch.Tensor], step: int, metric: str, value: float | None) -> None:
     from safetensors.torch import save_file
 
     def write(path: Path) -> None:

@@ -26,8 +26,10 @@ log = logging.getLogger("tunelab")
 def restore(run: Run, state: TrainState) -> None:
     """Load the checkpoint into the model, the optimizer, the RNGs and ``state``; tidy the directory."""
     cfg, d, model = run.cfg, run.d, run.model
-    saved, opt_state, rng, saved_state = ckpt.load_checkpoint(run.resume_from)
-    rundir.check_resumable(saved_state, run.resume_from, cfg, run.train_ex)
+    source = run.resume_from
+    assert source is not None, "restore is called for a resume only"
+    saved, opt_state, rng, saved_state = ckpt.load_checkpoint(source)
+    rundir.check_resumable(saved_state, source, cfg, run.train_ex)
     named = dict(model.named_parameters())
     missing = [k for k in saved if k not in named]
     if missing or len(saved) != len(run.params):
@@ -48,7 +50,7 @@ def restore(run: Run, state: TrainState) -> None:
     stopper = state.stopper
     d.barrier()  # every process has read the checkpoint before rank 0 tidies the directory
     if d.main:
-        rundir.tidy_for_resume(run.dir, run.resume_from, run.own, state.step,
+        rundir.tidy_for_resume(run.dir, source, run.own, state.step,
                                stopper.best_step if stopper else None, stopper is not None)
     if stopper is not None and stopper.best_step == state.step:  # the weights resumed are the best so far
         best = dist.gather_full(trainable_state(model), d.main)
@@ -76,7 +78,8 @@ def write_run_files(run: Run) -> None:
 def checkpoint(run: Run, state: TrainState) -> None:
     """A checkpoint of this step (rank 0 writes it; FSDP gathers the whole state first)."""
     d = run.d
-    params, opt = trainable_state(run.model), run.opt
+    params = trainable_state(run.model)
+    opt: torch.optim.Optimizer | dict = run.opt
     if run.fsdp:  # gathered whole: the checkpoint is the same file as one process writes
         params, opt = dist.gather_full(params, d.main), dist.full_optimizer_state(run.opt, d.main)
     rngs = d.gather_object(ckpt.own_rng_state()) if d.on else None  # each process's generators

@@ -15,12 +15,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ..config import LoraConfig, TrainConfig
 from ..errors import TunelabError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("tunelab")
 
@@ -38,13 +42,13 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 setattr(m, attr, p)
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
+def linear_module_names(model: PreTrainedModel) -> list[str]:
     out_emb = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                    if isinstance(m, nn.Linear) and m is not out_emb})
 
 
-def targeted_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+def targeted_shapes(model: PreTrainedModel, lora: LoraConfig) -> dict[str, tuple[int, int]]:
     """name -> (in_features, out_features) of each linear layer LoRA adapts, matched as PEFT matches them: by
     the name's last part (all-linear: every linear layer but the output head), then the layer index."""
     out_emb = model.get_output_embeddings()
@@ -76,7 +80,7 @@ def check_lora_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
                            f"{limit} or less", "lora.r")
 
 
-def _apply_lora(model: nn.Module, lora: LoraConfig):
+def _apply_lora(model: PreTrainedModel, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -95,7 +99,8 @@ def _apply_lora(model: nn.Module, lora: LoraConfig):
         if bad:
             raise TunelabError(f"layers {bad} out of range: the model has {n_layers}", "lora.layers")
     check_lora_rank(lora.r, targeted_shapes(model, lora))  # before PEFT allocates r × in and out × r per layer
-    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+    # (PEFT annotates lora_alpha as int; it takes any number: the scaling is alpha / r)
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=cast(int, lora.alpha), lora_dropout=lora.dropout, target_modules=targets,
                          layers_to_transform=lora.layers, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, cfg)
@@ -103,12 +108,13 @@ def _apply_lora(model: nn.Module, lora: LoraConfig):
         raise TunelabError(f"PEFT refused the adapter: {e}", "lora.targets") from None
 
 
-def _untie_head(model: nn.Module) -> bool:
+def _untie_head(model: PreTrainedModel) -> bool:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is None:
         raise TunelabError("this model has no output head to train", "train.mode")
-    if emb is not None and head.weight is emb.weight:
+    tied = emb is not None and head.weight is emb.weight
+    if tied:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
@@ -117,7 +123,7 @@ def _untie_head(model: nn.Module) -> bool:
     return False
 
 
-def apply_mode(model: nn.Module, train: TrainConfig, lora: LoraConfig) -> nn.Module:
+def apply_mode(model: PreTrainedModel, train: TrainConfig, lora: LoraConfig) -> nn.Module:
     """Returns the model to train (a PeftModel for lora) with requires_grad set."""
     mode = train.mode
     if mode == "lora":
@@ -177,10 +183,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trained(model: nn.Module, mode: str, out_dir, tokenizer) -> None:
+def save_trained(model: Any, mode: str, out_dir, tokenizer) -> None:
     """LoRA: the PEFT adapter (adapter_config.json + adapter_model.safetensors). Otherwise: a full HF
     model directory. A classifier adds its head (safetensors + label names) and, trained head-only, is
-    nothing but its head. The tokenizer goes beside any of them."""
+    nothing but its head. The tokenizer goes beside any of them. (``model``: a PeftModel, a transformers
+    model or a SequenceClassifier, whose saving methods nn.Module's types do not know.)"""
     if hasattr(model, "save_head"):
         model.save_head(out_dir)
         if mode != "head":
@@ -190,13 +197,14 @@ def save_trained(model: nn.Module, mode: str, out_dir, tokenizer) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def make_classifier(lm: nn.Module, cfg, labels: list[str] | None) -> nn.Module:
+def make_classifier(lm: PreTrainedModel, cfg, labels: list[str] | None) -> nn.Module:
     """LM + K-way head; what trains: the head alone (head), LoRA + head (lora), everything (full), patterns."""
     from ..classify import SequenceClassifier
 
+    model: nn.Module = lm  # (a PeftModel under lora)
     if cfg.train.mode == "head":
         for p in lm.parameters():
             p.requires_grad_(False)
     else:
-        lm = apply_mode(lm, cfg.train, cfg.lora)
-    return SequenceClassifier(lm, labels or [], cfg.classify.pooling, cfg.classify.bias)
+        model = apply_mode(lm, cfg.train, cfg.lora)
+    return SequenceClassifier(model, labels or [], cfg.classify.pooling, cfg.classify.bias)
