@@ -250,8 +250,11 @@ def check_state(state: Any, manifest: Any, path: Path) -> None:
         if not (_is_count(v) if kinds is int else isinstance(v, kinds)):
             raise _edited(where, f"field {name!r} must be {what}, got {json.dumps(v)[:40]}")
     for name, what in _EARLY_STOPPING.items():
-        v = state.get("early_stopping", {}).get(name)
-        ok = (v is None or _is_count(v)) if name != "best" else (
+        es = state.get("early_stopping", {})
+        v = es.get(name)
+        if name == "bad" and name not in es:
+            continue  # left out: no bad evaluations yet
+        ok = (_is_count(v) if name == "bad" else v is None or _is_count(v)) if name != "best" else (
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)))
         if not ok:
             raise _edited(where, f"field 'early_stopping.{name}' must be {what}, got {json.dumps(v)[:40]}")
