@@ -206,3 +206,37 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def classifier_texts(template: str, records: list[tuple[dict | None, str]]) -> list[tuple[str, str]]:
+    """(text, where) of each record to classify: its fields rendered by the run's text template (``None``
+    fields: a bare text, classified as it is); an empty text is an error."""
+    from .data.templates import render
+
+    texts = []
+    for rec, where in records:
+        text = where if rec is None else render(template, rec, where, "classify.text")
+        if not text.strip():
+            raise TunelabError("empty text: nothing to classify", "predict" if rec is None else where)
+        texts.append((text, where))
+    return texts
+
+
+def predict(model: SequenceClassifier, tok, texts: list[tuple[str, str]], max_length: int,
+            batch_size: int) -> list[dict]:
+    """Each text's most probable label and every label's probability (rounded to 6 places)."""
+    from .data.formats import Example
+    from .data.types import IGNORE
+    from .evaluate import class_probabilities
+
+    examples = []
+    for text, where in texts:
+        ids = tok(text, add_special_tokens=True)["input_ids"][:max_length]
+        examples.append(Example(ids, [IGNORE] * len(ids), text, "", where))
+    probs = class_probabilities(model, examples, tok.pad_token_id, batch_size)
+    rows = []
+    for e, p in zip(examples, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        rows.append({"text": e.prompt, "label": model.labels[best],
+                     "probs": {name: round(v, 6) for name, v in zip(model.labels, p)}})
+    return rows
