@@ -36,13 +36,13 @@ def results(run_dir) -> dict:
 
 def examples(cfg: Config, split: str = "train", n: int = 5) -> list[str]:
     """The first n tokenized examples of a split as text, the tokens that carry loss inside ⟦ ⟧."""
-    from .cli import _marked
+    from .data.formats import marked
     from .models import load_tokenizer
     from .tasks import build_dataset
 
     tok = load_tokenizer(cfg.model)
     splits, _, _ = build_dataset(cfg, tok)
-    return [_marked(tok, e.input_ids, e.labels, False) for e in splits[split][:n]]
+    return [marked(tok, e.input_ids, e.labels) for e in splits[split][:n]]
 
 
 def report(*run_dirs, out=None):
@@ -58,13 +58,19 @@ def report(*run_dirs, out=None):
 
 
 def student(teacher, out_dir, keep_every: int | None = None, layers: list[int] | None = None):
-    """A smaller student cut from a teacher's decoder layers (as ``tunelab student``); returns out_dir."""
-    from .cli import main
+    """A smaller student cut from a teacher's decoder layers (as ``tunelab student``, replacing out_dir when
+    tunelab made it); returns out_dir. See tunelab.teacher.cut_student."""
+    import sys
 
-    args = ["student", str(teacher), str(out_dir), "--force"]
-    args += ["--keep-every", str(keep_every)] if keep_every else ["--layers", ",".join(map(str, layers or []))]
-    if main(args) != 0:
-        raise TunelabError("could not make the student", str(out_dir))
+    from .errors import one_line
+    from .teacher import cut_student
+
+    try:  # keep_every wins over layers, as it always has
+        cut = cut_student(teacher, out_dir, keep_every=keep_every or None,
+                          layers=None if keep_every else list(layers or []), force=True)
+    except OSError as e:  # what the system refused: a TunelabError, as every failure here
+        raise TunelabError(e.strerror or one_line(e), str(e.filename or out_dir)) from e
+    print(cut.summary(), file=sys.stderr)
     return out_dir
 
 

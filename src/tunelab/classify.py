@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data.batching import collate
+from .data.types import Example
 from .errors import TunelabError
 from .train.forward import split_head
 
@@ -210,3 +212,54 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def classifier_texts(template: str, records: list[tuple[dict | None, str]]) -> list[tuple[str, str]]:
+    """(text, where) of each record to classify: its fields rendered by the run's text template (``None``
+    fields: a bare text, classified as it is); an empty text is an error."""
+    from .data.templates import render
+
+    texts = []
+    for rec, where in records:
+        text = where if rec is None else render(template, rec, where, "classify.text")
+        if not text.strip():
+            raise TunelabError("empty text: nothing to classify", "predict" if rec is None else where)
+        texts.append((text, where))
+    return texts
+
+
+def predict(model: SequenceClassifier, tok, texts: list[tuple[str, str]], max_length: int,
+            batch_size: int) -> list[dict]:
+    """Each text's most probable label and every label's probability (rounded to 6 places)."""
+    from .data.formats import Example
+    from .data.types import IGNORE
+
+    examples = []
+    for text, where in texts:
+        ids = tok(text, add_special_tokens=True)["input_ids"][:max_length]
+        examples.append(Example(ids, [IGNORE] * len(ids), text, "", where))
+    probs = class_probabilities(model, examples, tok.pad_token_id, batch_size)
+    rows = []
+    for e, p in zip(examples, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        rows.append({"text": e.prompt, "label": model.labels[best],
+                     "probs": {name: round(v, 6) for name, v in zip(model.labels, p)}})
+    return rows
+
+
+def class_probabilities(model, examples: list[Example], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """(N, K) class probabilities of a SequenceClassifier, in the examples' order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id)
+        probs = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).softmax(-1).cpu()
+        for j, i in enumerate(idx):
+            out[i] = probs[j]
+    model.train(was_training)
+    rows = [p for p in out if p is not None]  # (every example's: ``order`` covers them all)
+    return torch.stack(rows) if rows else torch.zeros(0, 0)

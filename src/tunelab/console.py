@@ -1,4 +1,5 @@
-"""What tunelab tells the user while it works: one line on standard error, unless quiet."""
+"""What tunelab tells the user while it works: one line on standard error, unless quiet; and how a
+tokenized example looks in a terminal."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .config.schema import Config, dataclass_of
+from .config.keys import dataclass_of
+from .config.schema import Config
 
 COMMAND = "python -m tunelab.docs_ref"  # what regenerates the pages (also `make docs`)
 OUT_DIR = Path("docs/reference")

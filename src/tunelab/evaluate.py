@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .classify import class_probabilities  # noqa: F401  (re-exported: where scoring code looks)
 from .data.batching import collate
 from .data.formats import Example
 from .data.templates import render
@@ -154,24 +155,6 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def class_probabilities(model, examples: list[Example], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """(N, K) class probabilities of a SequenceClassifier, in the examples' order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out: list[torch.Tensor | None] = [None] * len(examples)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = collate([examples[i] for i in idx], pad_id)
-        probs = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).softmax(-1).cpu()
-        for j, i in enumerate(idx):
-            out[i] = probs[j]
-    model.train(was_training)
-    rows = [p for p in out if p is not None]  # (every example's: ``order`` covers them all)
-    return torch.stack(rows) if rows else torch.zeros(0, 0)
-
-
 def confusion_matrix(gold: list[int], pred: list[int], k: int) -> list[list[int]]:
     """m[i][j] = how many examples of class i were predicted as class j."""
     m = [[0] * k for _ in range(k)]

@@ -5,6 +5,7 @@ the base model's scores (before.json) and the tables printed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import sys
@@ -130,6 +131,73 @@ def base_model_view(model):
         yield
 
 
+# ---- tunelab eval: a run directory or a recipe's model, evaluated again
+
+
+@dataclasses.dataclass
+class TargetEvaluation:
+    """What ``evaluate_target`` scored: the run directory or recipe, the split, the scores (with the samples),
+    and the base model's scores (with --base)."""
+
+    target: Path
+    split: str
+    result: dict
+    base: dict | None = None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").exists()
+
+
+def target_config(target: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The configuration a target is evaluated with: a run directory's saved one, or a recipe's."""
+    from .config import load_config
+
+    if target.is_dir() and not is_run_dir(target):
+        raise TunelabError("not a run directory (no config.yaml) nor a recipe file", str(target))
+    return load_config(target, overrides)
+
+
+def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool = False) -> TargetEvaluation:
+    """Evaluate a run directory's trained model (or a recipe's model) as training's final evaluation does;
+    with ``base``, the run's base model too (its adapters disabled, or loaded again)."""
+    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
+    from .tasks import build_dataset
+
+    is_run = is_run_dir(target)
+    tok = load_tokenizer(cfg.model)
+    splits, _, labels = build_dataset(cfg, tok)
+    split_name, examples = eval_split(cfg, splits)
+    if not task_of(cfg).by_generation:
+        if not is_run:
+            raise TunelabError("a classifier's head is trained: evaluate a run directory", str(target))
+        model, tok = load_trained_classifier(target, cfg.model)
+        labels = labels or []  # (a classification task's examples always come with their labels)
+        if model.labels != labels:
+            raise TunelabError(f"the run's head has {len(model.labels)} classes, the data {len(labels)} "
+                               f"({', '.join(labels[:8])})", str(target))
+    else:
+        model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
+    check_probes(cfg, examples, tok)
+    warn_budget(cfg, tok, examples, quiet)
+    before = None
+    if base:
+        if not is_run:
+            raise TunelabError("--base compares a run with its base model: give a run directory", str(target))
+        say(f"evaluating the base model ({cfg.model.name}) ...", quiet)
+        if not task_of(cfg).by_generation:
+            raise TunelabError("a classifier's trained head has no base to compare with", "--base")
+        if hasattr(model, "disable_adapter"):
+            with base_model_view(model):
+                before = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels)
+        else:
+            base_model, _ = load_model(cfg.model)
+            before = evaluate_run(base_model, tok, cfg, examples, splits["validation"], quiet, labels)
+            del base_model
+    after = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels)
+    return TargetEvaluation(target, split_name, after, before)
+
+
 # ---- the base model's scores, kept with the run (before.json)
 
 
@@ -196,16 +264,47 @@ def classification_report(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def sample_tables(before: dict | None, after: dict, show: int, heads: tuple[str, str] = ("before", "after"),
+                  titles: tuple[str, str] | None = None) -> list[str]:
+    """The examples before/after and the probe tables of a generation evaluation (none without samples);
+    ``titles`` name the two models in place of "before/after fine-tuning:"."""
+    if "samples" not in after:
+        return []
+    table = before_after_table(before if before and "samples" in before else None, after, show)
+    if titles is not None:
+        table = table.replace("before fine-tuning:", titles[0]).replace("after fine-tuning:", titles[1])
+    tables = probe_tables(before, after, heads)
+    return [table, tables] if tables else [table]
+
+
 def print_before_after(before: dict | None, after: dict, show: int) -> None:
     """The tables a finished run prints: examples before/after and the probes, or the classification report,
     or the validation loss."""
     if "samples" in after:
-        print(before_after_table(before if before and "samples" in before else None, after, show))
-        tables = probe_tables(before, after)
-        if tables:
-            print(tables)
+        for part in sample_tables(before, after, show):
+            print(part)
     elif "accuracy" in after:
         print(classification_report(before, after))
     elif "val_loss" in after:
         print(f"validation loss: {after['val_loss']:.4f}" +
               (f" (before: {before['val_loss']:.4f})" if before and "val_loss" in before else ""))
+
+
+def target_tables(ev: TargetEvaluation, show: int) -> list[str]:
+    """What ``tunelab eval`` prints before its JSON: the examples and probes (the base model beside the
+    target's with --base), or the accuracy and confusion matrix."""
+    base, res = ev.base, ev.result
+    heads = ("base", "tuned") if base is not None else ("before", "model")
+    parts = sample_tables(base, res, show, heads, ("base model:", f"{ev.target}:"))
+    if "confusion" in res:
+        parts += [f"accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f} over {res['n']} examples",
+                  format_confusion(res)]
+    return parts
+
+
+def target_record(ev: TargetEvaluation) -> dict:
+    """The metrics ``tunelab eval`` prints and writes as JSON (no samples)."""
+    out = {"target": str(ev.target), "split": ev.split, **without_samples(ev.result)}
+    if ev.base is not None:
+        out["base"] = without_samples(ev.base)
+    return out

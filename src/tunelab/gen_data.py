@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config.schema import Device
 from .errors import TunelabError, one_line
 from .plugins import load_function
+from .tasks import task_of
 
 
 @dataclass
@@ -111,6 +113,73 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
     probs = class_probabilities(model, examples, tok.pad_token_id, cfg.eval.batch_size)
     k = model.labels.index(label)
     return [float(p[k]) for p in probs.tolist()]
+
+
+def generation_model(target_spec: str, device: Device):
+    """The model and tokenizer of a run directory (adapters merged), or a model by alias, directory or id."""
+    from .config import ModelConfig, load_config
+    from .models import load_model, load_trained
+
+    target = Path(target_spec)
+    if target.is_dir() and (target / "config.yaml").exists():
+        run_cfg = load_config(target)
+        run_cfg.model.device = device
+        if not task_of(run_cfg).by_generation:
+            raise TunelabError("a classification run does not generate", str(target))
+        model, tok = load_trained(target, run_cfg.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()  # the same outputs, faster
+        return model, tok
+    return load_model(ModelConfig(name=target_spec, device=device))
+
+
+def check_critic(run: str) -> None:
+    """A critic is a classification run: found before generating, not after."""
+    from .config import load_config
+
+    if not (Path(run) / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", run)
+    if task_of(load_config(run)).by_generation:
+        raise TunelabError("the critic must be a classification run", run)
+
+
+@dataclass
+class Completion:
+    item: PromptItem
+    sample: int  # which of the prompt's completions (0, 1, ...)
+    text: str
+    score: float | None = None  # the verifier's or the critic's (None: not scored)
+
+
+def score_completions(items: list[PromptItem], outputs: list[list[str]], verifier: Callable | None = None,
+                      verifier_spec: str = "", critic: str | None = None,
+                      critic_label: str = "yes") -> list[Completion]:
+    """Every completion of every prompt, in order, scored by ``verifier`` (loaded from ``verifier_spec``)
+    or by the classification run ``critic`` (p(critic_label)), or not at all."""
+    comps = [Completion(item, j, o) for item, outs in zip(items, outputs) for j, o in enumerate(outs)]
+    if verifier is not None:
+        for c in comps:
+            c.score = verify(verifier, verifier_spec, c.item, c.text)
+    elif critic:
+        scores = critic_scores(Path(critic), critic_label, [c.item for c in comps], [c.text for c in comps])
+        for c, score in zip(comps, scores):
+            c.score = score
+    return comps
+
+
+def completion_rows(comps: list[Completion], tok, min_score: float | None = None) -> list[dict]:
+    """The JSONL rows: the record's fields plus prompt (as text), completion, sample and score (where
+    scored); a completion scored below ``min_score`` is left out."""
+    rows = []
+    for c in comps:
+        if min_score is not None and c.score is not None and c.score < min_score:
+            continue
+        prompt = c.item.prompt if isinstance(c.item.prompt, str) else tok.decode(c.item.prompt)
+        row = {**c.item.record, "prompt": prompt, "completion": c.text, "sample": c.sample}
+        if c.score is not None:
+            row["score"] = c.score
+        rows.append(row)
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

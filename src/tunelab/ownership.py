@@ -143,6 +143,49 @@ def check_output_path(path: Path) -> None:
         raise TunelabError("is not a regular file (a device, FIFO or socket): give a file to write", str(path))
 
 
+def check_parent(out: Path) -> None:
+    """The nearest folder above ``out`` that exists must be a directory this process can write in."""
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TunelabError(f"cannot be written: {parent} is a file, not a directory", str(out))
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise TunelabError(f"cannot be written: no permission to write in {parent}", str(out))
+
+
+def output_file(spec: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """A file to write when the work is done, checked before it starts (generating can take hours): a
+    regular file or nothing, never one of the ``inputs`` nor inside one of them (a run directory's files)."""
+    out = Path(spec)
+    check_output_path(out)
+    check_parent(out)
+    check_not_input(out, inputs, "the output file")
+    if out.exists() and not force:
+        raise TunelabError("output file exists (--force replaces it)", str(out))
+    return out
+
+
+def free_out_dir(path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None]) -> Path:
+    """An output directory to write when the work is done, checked before it starts: never one of the
+    ``inputs`` (nor inside or around one); replaced (--force) only when tunelab made it."""
+    out = Path(path)
+    if out.is_symlink():
+        raise TunelabError("is a symbolic link: give a real directory (it would be replaced)", str(out))
+    if out.exists() and not out.is_dir():
+        raise TunelabError("exists and is not a directory", str(out))
+    check_parent(out)
+    check_not_input(out, inputs, "out_dir")
+    if out.exists() and any(out.iterdir()):
+        if force:
+            check_replaceable(out, "--force")
+            check_not_locked(out)
+        elif foreign_entries(out):
+            raise TunelabError("output directory exists and holds files tunelab did not make: choose another "
+                               "directory", str(out))
+        else:
+            raise TunelabError("output directory exists and is not empty (--force replaces it)", str(out))
+    return out
+
+
 def clear(directory: Path, keep: Iterable[str] = (LOCK,)) -> None:
     """Remove what ``directory`` holds (checked as tunelab's by check_replaceable), keeping ``keep``."""
     import shutil

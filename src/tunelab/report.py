@@ -415,6 +415,18 @@ def write_compare(runs: list[Path], out: Path) -> Path:
     return out
 
 
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page this module wrote (``tunelab report`` replaces one without --force)."""
+    try:
+        if not path.is_file():  # (a FIFO is never opened: it would block)
+            return False
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 400))
+            return FOOTER.encode() in f.read()
+    except OSError:
+        return False
+
+
 def data_samples(examples: list, tok, n: int = 3) -> list[dict[str, Any]]:
     """The first training examples as (text, supervised) segments, for the report."""
     out = []

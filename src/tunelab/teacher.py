@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -249,3 +250,78 @@ def slice_layers(model, keep: list[int]):
     if getattr(student.config, "layer_types", None):
         student.config.layer_types = [student.config.layer_types[i] for i in keep]
     return student
+
+
+def student_layers(n: int, keep_every: int | None = None, layers: str | list[int] | None = None) -> list[int]:
+    """The layers of an ``n``-layer teacher a student keeps: exactly ``layers`` (a list, or its comma-separated
+    text as --layers takes it), or every ``keep_every``-th from 0, and the last."""
+    if (layers is None) == (keep_every is None):
+        raise TunelabError("give --keep-every K or --layers I,J,...", "student")
+    if isinstance(layers, str):
+        try:
+            return [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise TunelabError(f"--layers takes comma-separated integers, got {layers!r}", "--layers") from None
+    if layers is not None:
+        return list(layers)
+    assert keep_every is not None  # (exactly one of the two was given)
+    if keep_every < 1:
+        raise TunelabError("--keep-every must be at least 1", "--keep-every")
+    keep = list(range(0, n, keep_every))
+    if keep[-1] != n - 1:
+        keep.append(n - 1)  # keep the last layer: it feeds the output head
+    return keep
+
+
+@dataclass
+class Student:
+    """A student ``cut_student`` wrote: where, which of the teacher's layers, and the parameter counts."""
+
+    path: Path
+    layers: list[int]
+    teacher_layers: int
+    parameters: int
+    teacher_parameters: int
+
+    def summary(self) -> str:
+        n_s, n_t = self.parameters, self.teacher_parameters
+        return (f"student with layers {self.layers} of {self.teacher_layers}: {n_s:,} parameters "
+                f"({n_s / n_t:.0%} of {n_t:,}); written to {self.path}")
+
+
+def cut_student(teacher: str | Path, out_dir: str | Path, keep_every: int | None = None,
+                layers: str | list[int] | None = None, force: bool = False) -> Student:
+    """A smaller student cut from a teacher (a run directory, or a model by alias, directory or hub id):
+    some of its decoder layers with their weights (``student_layers``), written to ``out_dir`` as a
+    transformers model with the teacher's tokenizer; ``force`` replaces an out_dir tunelab made."""
+    import contextlib
+
+    from . import ownership
+    from .config import load_config
+    from .models import load_model, load_trained, resolve_model_path
+    from .train.rundir import input_paths
+
+    spec = str(teacher)
+    is_run = _is_run(spec)
+    reads: list[str | None] = [spec, *(input_paths(load_config(spec)) if is_run else [])]
+    with contextlib.suppress(TunelabError):
+        reads.append(resolve_model_path(spec) if not is_run else None)
+    out = ownership.free_out_dir(out_dir, force, reads)  # checked before the teacher is loaded
+    if is_run:
+        model, tok = load_trained(Path(spec), load_config(spec).model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    else:
+        model, tok = load_model(ModelConfig(name=spec, device="cpu"))
+    n = model.config.num_hidden_layers
+    keep = student_layers(n, keep_every, layers)
+    student = slice_layers(model, keep)
+
+    def write(d: Path) -> None:
+        student.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    ownership.check_not_locked(out)
+    atomic.write_dir(out, write, marker="student model")
+    return Student(out, keep, n, sum(p.numel() for p in student.parameters()),
+                   sum(p.numel() for p in model.parameters()))

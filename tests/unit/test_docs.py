@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from tunelab import docs_ref
-from tunelab.config.schema import Config, all_keys, dataclass_of
+from tunelab.config.keys import all_keys, dataclass_of
+from tunelab.config.schema import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "reference"

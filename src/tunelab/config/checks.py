@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from ..data.templates import check_template, fields_of
 from ..errors import TunelabError
+from .keys import SEED_KEYS, SEED_LIMIT, SOURCE_KEYS
 from .messages import Located
-from .schema import SEED_KEYS, SEED_LIMIT, SOURCE_KEYS, Config
+from .schema import Config
 
 Need = Callable[[bool, str, str], None]
 

@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from .schema import unindexed
+from .keys import unindexed
 
 
 def type_name(tp: Any) -> str:

@@ -17,21 +17,21 @@ import yaml
 
 from ..errors import TunelabError, one_line
 from .checks import check
-from .messages import Located, override_where, show, show_key, type_name
-from .schema import (
+from .keys import (
     FILE_SUFFIXES,
     INT_LIMIT,
     MAX_RECIPE_BYTES,
     PATH_KEYS,
     SHORTHAND,
     SOURCE_KEYS,
-    Config,
     all_keys,
     field_type,
     is_text_field,
     suggest,
     unindexed,
 )
+from .messages import Located, override_where, show, show_key, type_name
+from .schema import Config
 from .yaml_reader import load_yaml
 
 

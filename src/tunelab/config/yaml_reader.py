@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 
 from ..errors import TunelabError, one_line
+from .keys import MAX_YAML_DEPTH, MAX_YAML_NODES
 from .messages import show_key
-from .schema import MAX_YAML_DEPTH, MAX_YAML_NODES
 
 
 class _TooDeep(Exception):

@@ -298,3 +298,19 @@ def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, 
     exclude = {str(r.fields[f]) for r in held if f in r.fields}
     made = synthesize(values, cfg.synthetic.count, cfg.synthetic.order, seed, exclude)
     return [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
+
+
+def marked(tok, ids: list[int], labels: list[int], color: bool = False) -> str:
+    """The tokens of one example, those carrying loss inside ⟦ ⟧ (or highlighted on a terminal)."""
+    parts, inside = [], False
+    for i, label in zip(ids, labels):
+        sup = label != IGNORE
+        if sup and not inside:
+            parts.append("\x1b[42;30m" if color else "⟦")
+        elif not sup and inside:
+            parts.append("\x1b[0m" if color else "⟧")
+        inside = sup
+        parts.append(tok.decode([i]))
+    if inside:
+        parts.append("\x1b[0m" if color else "⟧")
+    return "".join(parts)

@@ -29,6 +29,15 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.output.dir or Path("runs") / cfg.name)
 
 
+def run_config(run: Path) -> Config:
+    """The saved configuration of a run directory."""
+    from ..config import load_config
+
+    if not (run / "config.yaml").exists():
+        raise TunelabError("not a run directory (no config.yaml)", str(run))
+    return load_config(run)
+
+
 def input_paths(cfg: Config) -> list[str]:
     """The files and directories a run reads (a run directory may not be, hold or lie inside any of them)."""
     from ..models import resolve_model_path

@@ -1,0 +1,161 @@
+"""tunelab chat | generate: a model talking in the terminal, and its completions written as data."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from ..errors import TunelabError
+from ..ownership import output_file
+
+MAX_CHAT_LINE = 20_000  # characters of one message typed or piped into tunelab chat
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Sampling options, checked before a model is loaded."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise TunelabError(f"--temperature must be 0 (greedy) or more, got {temperature}", "--temperature")
+    if not 0 < top_p <= 1:
+        raise TunelabError(f"--top-p must be in (0, 1], got {top_p}", "--top-p")
+    if max_new_tokens < 1:
+        raise TunelabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}", "--max-new-tokens")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn conversation in the terminal, rendered with the same chat template as training."""
+    from ..conversation import open_conversation
+
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)
+    talk = open_conversation(args.target, args.device, args.template, args.system)
+    interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 are an error, not lone surrogates
+        sys.stdin.reconfigure(encoding="utf-8", errors="strict")
+    if interactive:
+        print(f"chatting with {args.target} (template {talk.template.name}); /reset starts over, /exit quits",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline(MAX_CHAT_LINE + 1)
+        except EOFError:
+            break
+        except UnicodeDecodeError as e:
+            raise TunelabError(f"the input is not UTF-8 text ({e.reason} at byte {e.start})", "chat") from None
+        if not interactive and not line:
+            break
+        if len(line.rstrip("\r\n")) > MAX_CHAT_LINE:
+            if not interactive:
+                raise TunelabError(f"an input line is longer than {MAX_CHAT_LINE} characters", "chat")
+            print(f"tunelab: chat: a line is longer than {MAX_CHAT_LINE} characters: ignored", file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            talk.reset()
+            continue
+        reply = talk.reply(line, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed)
+        print(f"assistant> {reply}", flush=True)
+    return 0
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    """The options of ``tunelab generate`` (without --self-instruct) that go together, before anything loads."""
+    if (args.recipe is None) == (args.input is None):
+        raise TunelabError("give the prompts: --recipe RECIPE.yaml (its data and template), --input FILE, "
+                           "or --self-instruct SEEDS", "generate")
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise TunelabError("--n, --max-new-tokens, --batch-size and --limit must be at least 1", "generate")
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)
+    if args.verifier and args.critic:
+        raise TunelabError("give one critic: --verifier or --critic, not both", "generate")
+    if args.input and (args.overrides or args.split != "train"):
+        raise TunelabError("key=value overrides and --split apply to --recipe, not to --input", "generate")
+    if args.n > 1 and args.temperature <= 0:
+        raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
+    if args.min_score is not None and not (args.verifier or args.critic):
+        raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """A model's completions over a prompt set, as JSONL (sequence-level KD, an augmented teacher)."""
+    from ..config import load_config
+    from ..gen_data import (
+        check_critic,
+        completion_rows,
+        generation_model,
+        load_verifier,
+        prompts_from_file,
+        prompts_from_recipe,
+        score_completions,
+        write_rows,
+    )
+    from ..generate import generate
+    from ..tasks import stop_ids
+    from ..train.rundir import input_paths
+
+    if args.self_instruct:
+        return cmd_self_instruct(args)
+    if args.temperature is None:
+        args.temperature = 0.0
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32
+    check_generate(args)
+    recipe_cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+    out = output_file(args.out, args.force, inputs=[args.target, args.input, args.recipe, args.verifier, args.critic,
+                                                    *(input_paths(recipe_cfg) if recipe_cfg else [])])
+    verifier = load_verifier(args.verifier) if args.verifier else None
+    if args.critic:
+        check_critic(args.critic)
+    model, tok = generation_model(args.target, args.device)
+    items = (prompts_from_recipe(recipe_cfg, tok, args.split, args.limit) if recipe_cfg
+             else prompts_from_file(args.input, args.prompt_field)[: args.limit])
+    if not items:
+        raise TunelabError(f"the recipe's {args.split} split holds no prompts (data.{args.split}_size or "
+                           f"data.{args.split} gives it some)", args.recipe)
+    stops = stop_ids(recipe_cfg, tok) if recipe_cfg is not None else []
+    outputs = generate(model, tok, [i.prompt for i in items], max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                       num_return_sequences=args.n, progress=not args.quiet and sys.stderr.isatty(),
+                       seed=args.seed, stop_ids=stops)
+    del model
+    comps = score_completions(items, outputs, verifier, args.verifier or "", args.critic, args.critic_label)
+    rows = completion_rows(comps, tok, args.min_score)
+    write_rows(out, rows)
+    scores = [c.score for c in comps if c.score is not None]  # (scored: all of them, or none)
+    kept = f", {len(rows)} kept with score >= {args.min_score}" if args.min_score is not None else ""
+    mean = f", mean score {sum(scores) / len(scores):.3f}" if scores else ""
+    print(f"{len(comps)} completions of {len(items)} prompts{mean}{kept}; written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_self_instruct(args: argparse.Namespace) -> int:
+    """``tunelab generate MODEL --self-instruct SEEDS --out POOL``: new tasks bootstrapped from seeds."""
+    from ..gen_data import generation_model, write_rows
+    from ..selfinstruct import read_seeds, self_instruct
+
+    if (args.recipe or args.input or args.verifier or args.critic or args.n != 1 or args.overrides
+            or args.limit is not None or args.min_score is not None or args.split != "train"
+            or args.prompt_field != "prompt"):
+        raise TunelabError("--self-instruct builds its own prompts: drop --recipe/--input/--verifier/--critic/--n/"
+                           "--limit/--min-score/--split/--prompt-field and key=value overrides", "generate")
+    if args.rounds < 1 or args.per_round < 1 or not 0 < args.similarity <= 1:
+        raise TunelabError("--rounds and --per-round must be at least 1, --similarity in (0, 1]", "generate")
+    temperature = 0.7 if args.temperature is None else args.temperature
+    max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+    check_sampling(temperature, args.top_p, max_new_tokens)
+    out = output_file(args.out, args.force, inputs=[args.target, args.self_instruct])
+    seeds = read_seeds(args.self_instruct)
+    model, tok = generation_model(args.target, args.device)
+    rows, stats = self_instruct(model, tok, seeds, args.rounds, args.per_round, threshold=args.similarity,
+                                temperature=temperature, top_p=args.top_p, max_new_tokens=max_new_tokens,
+                                batch_size=args.batch_size, seed=args.seed,
+                                progress=not args.quiet and sys.stderr.isatty())
+    write_rows(out, rows)
+    why = ", ".join(f"{v} {k}" for k, v in sorted(stats.rejected.items())) or "none"
+    print(f"self-instruct: {stats.generated} generated, {stats.kept} kept (rejected: {why}); "
+          f"written to {out}", file=sys.stderr)
+    return 0

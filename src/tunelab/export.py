@@ -1,0 +1,52 @@
+"""A run's model in a form other tools load: a LoRA adapter folded into its base model (``tunelab merge``),
+or a classification run as a transformers *ForSequenceClassification (``tunelab export``). Both check the
+output directory before the model loads, and write it atomically with tunelab's marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import atomic, ownership
+from .errors import TunelabError
+from .tasks import task_of
+from .train.rundir import input_paths, run_config
+
+
+def merge_adapter(run: Path, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Fold a LoRA run's adapter into its base model and write it, with the tokenizer, as an HF directory."""
+    from .models import load_trained
+
+    cfg = run_config(run)
+    if not task_of(cfg).by_generation:
+        raise TunelabError("merging would drop the classification head: use tunelab export", str(run))
+    if not (run / "adapter").is_dir():
+        raise TunelabError("no adapter/ to merge (only LoRA runs have one; full runs already have model/)",
+                           str(run))
+    out = ownership.free_out_dir(out_dir, force, [str(run), *input_paths(cfg)])
+    model, tok = load_trained(run, cfg.model)
+    merged = model.merge_and_unload()  # W = W0 + (alpha/r)·B·A folded into each target layer
+
+    def write(d: Path) -> None:
+        merged.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    ownership.check_not_locked(out)  # (again: the model took a while to load)
+    atomic.write_dir(out, write, marker="merged model")
+    return out
+
+
+def export_classifier(run: Path, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Write a classification run as a transformers sequence-classification model."""
+    from .classify import export_sequence_classification
+    from .models import load_trained_classifier
+
+    cfg = run_config(run)
+    if task_of(cfg).by_generation:
+        raise TunelabError("export writes a sequence-classification model; for a LoRA generation run use "
+                           "tunelab merge", str(run))
+    out = ownership.free_out_dir(out_dir, force, [str(run), *input_paths(cfg)])
+    model, tok = load_trained_classifier(run, cfg.model)
+    ownership.check_not_locked(out)
+    atomic.write_dir(out, lambda d: export_sequence_classification(model, d, tok), marker="classifier export")
+    return out
