@@ -9,7 +9,7 @@ from typing import Any
 
 from .config.schema import Device
 from .errors import TunelabError
-from .tasks import CHAT, task_of
+from .tasks import task_of
 
 
 @dataclass
@@ -58,13 +58,13 @@ def open_conversation(target: str, device: Device = "auto", template: str | None
         cfg = load_config(path)
         cfg.model.device = device
         task = task_of(cfg)
-        stop_token = cfg.chat.stop if task is CHAT else None
         if not task.by_generation:
             raise TunelabError("a classification run does not generate: use tunelab predict", str(path))
+        stop_token, trained_system = task.chat_defaults(cfg)
         model, tok = load_trained(path, cfg.model)
         template = template or cfg.chat.template
-        if system is None and task is CHAT and cfg.chat.system_mode != "none":
-            system = cfg.chat.system
+        if system is None:
+            system = trained_system
     else:
         if path.suffix in (".yaml", ".yml"):
             raise TunelabError("give a run directory or a model (name, alias or directory), not a recipe", str(path))

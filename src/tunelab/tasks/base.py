@@ -98,6 +98,11 @@ class Task:
         return {"exact_match": generation_metrics(model, tok, examples, cfg.eval.max_new_tokens,
                                                   cfg.eval.batch_size, stop_ids=self.stop_ids(cfg, tok))["exact_match"]}
 
+    def chat_defaults(self, cfg: Config) -> tuple[str | None, str | None]:
+        """(the end-of-turn token, the system prompt) a conversation with the trained model starts from: what
+        the run trained with (a chat run), else nothing (the model's own template decides)."""
+        return None, None
+
     def stop_ids(self, cfg: Config, tok) -> list[int]:
         """Token ids generation stops at besides EOS."""
         return []

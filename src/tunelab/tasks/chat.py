@@ -37,6 +37,9 @@ class ChatTask(Task):
         """The chat template's end-of-turn token."""
         return [chat.stop_id(chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop), tok)]
 
+    def chat_defaults(self, cfg: Config) -> tuple[str | None, str | None]:
+        return cfg.chat.stop, cfg.chat.system if cfg.chat.system_mode != "none" else None
+
     def check(self, cfg: Config) -> None:
         if cfg.model.bos_token is not None:  # (a saved run that has both still loads)
             raise TunelabError("with task: chat the chat template decides how a conversation starts: put the "
