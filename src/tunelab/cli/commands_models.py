@@ -10,7 +10,6 @@ from pathlib import Path
 from .. import atomic
 from ..errors import TunelabError
 from ..ownership import output_file
-from ..tasks import task_of
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -35,6 +34,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..data.readers import read_source
     from ..data.templates import fields_of
     from ..models import load_trained_classifier
+    from ..tasks import task_of
     from ..train.rundir import input_paths, run_config
 
     run = Path(args.run_dir)
