@@ -19,6 +19,7 @@ class Conversation:
     template: Any  # a resolved data.chat.ChatTemplate
     stop: int  # the template's end-of-turn token: a reply ends there
     system: str | None = None
+    system_fallback: str = "fold"  # a template that refuses a system message (chat.system_fallback)
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -35,7 +36,8 @@ class Conversation:
         from .generate import generate
 
         self.history.append({"role": "user", "content": text})
-        prompt = chat.render(self.template, self.history, True, self.tok, "chat")
+        shown, _ = chat.fit_system(self.history, self.template, self.tok, self.system_fallback)
+        prompt = chat.render(self.template, self.history if shown is None else shown, True, self.tok, "chat")
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         (answer,), = generate(self.model, self.tok, [ids], max_new_tokens=max_new_tokens, batch_size=1,
                               temperature=temperature, top_p=top_p, seed=seed, stop_ids=[self.stop])
@@ -54,6 +56,7 @@ def open_conversation(target: str, device: Device = "auto", template: str | None
 
     path = Path(target)
     stop_token = None
+    fallback = "fold"
     if path.is_dir() and (path / "config.yaml").exists():
         cfg = load_config(path)
         cfg.model.device = device
@@ -65,10 +68,11 @@ def open_conversation(target: str, device: Device = "auto", template: str | None
         template = template or cfg.chat.template
         if system is None:
             system = trained_system
+        fallback = cfg.chat.system_fallback
     else:
         if path.suffix in (".yaml", ".yml"):
             raise TunelabError("give a run directory or a model (name, alias or directory), not a recipe", str(path))
         model, tok = load_model(ModelConfig(name=target, device=device))
         template = template or "auto"
     tmpl = chat.resolve_template(template, tok, stop_token)
-    return Conversation(model, tok, tmpl, chat.stop_id(tmpl, tok), system)
+    return Conversation(model, tok, tmpl, chat.stop_id(tmpl, tok), system, fallback)

@@ -63,7 +63,10 @@ def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptI
     tmpl = chat.resolve_template(cfg.chat.template, tok, cfg.chat.stop)
     items = []
     for r in records:
-        msgs = chat.conversation(r.fields, cfg.chat, r.where)
+        fitted, _ = chat.fit_system(chat.conversation(r.fields, cfg.chat, r.where), tmpl, tok, cfg.chat.system_fallback)
+        if fitted is None:  # (chat.system_fallback=drop_record)
+            continue
+        msgs = fitted
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
         text = chat.render(tmpl, msgs[:last], True, tok, r.where)
         items.append(PromptItem(r.fields, tok(text, add_special_tokens=False)["input_ids"], r.where))

@@ -80,13 +80,24 @@ def test_llama3_mask_matches_hand_written(tok):
     assert (ex.input_ids, ex.labels) == (ids, labels)
 
 
-def test_model_template_whose_turns_do_not_end_with_eos_is_refused(tok):
-    tok.chat_template = SMOL  # ends a turn with <|im_end|>, but this tokenizer's EOS is <eos>
+def test_model_template_end_of_turn_comes_from_its_rendering_not_the_eos(tok):
+    tok.chat_template = SMOL  # ends a turn with <|im_end|>, and this tokenizer's EOS is <eos>
     try:
-        with pytest.raises(TunelabError, match="does not contain the end-of-turn token '<eos>'"):
-            encode(tok, [{"messages": CONV}], template="model")
+        tmpl = chat.resolve_template("model", tok)
+        assert (tmpl.stop, tok.eos_token) == ("<|im_end|>", "<eos>")
+        (ex,), _ = encode(tok, [{"messages": CONV}], template="model")
+        trained = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != -100])
+        assert trained == "hello<|im_end|>ciao<|im_end|>"
     finally:
         tok.chat_template = None
+
+
+def test_template_without_an_end_of_turn_token_is_refused(tok, tmp_path):
+    plain = tmp_path / "plain.jinja"  # turns end with a newline: nothing tells the model to stop
+    plain.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(TunelabError, match="does not contain the end-of-turn token '<eos>'"):
+        encode(tok, [{"messages": CONV}], template=str(plain))
 
 
 @pytest.fixture
@@ -254,12 +265,25 @@ def write_template(tmp_path, text):
     return str(p)
 
 
-def test_template_that_is_not_prefix_stable_is_refused(tok, tmp_path):
+def test_template_that_is_not_prefix_stable_trains_each_turn_as_its_own_example(tok, tmp_path):
     # renders the final message differently from how it renders it inside a longer conversation
     t = write_template(tmp_path, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
                        "{% if loop.last %}!{% endif %}<|im_end|>\n{% endfor %}"
                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    with pytest.raises(TunelabError, match=r"t.jinja renders the first 3 messages as something that is not a prefix"):
+    first, second = encode(tok, [{"messages": CONV}], template=t)[0]
+    for ex, said, answer in ((first, "hi", "hello"), (second, "bye", "ciao")):
+        text = tok.decode(ex.input_ids)
+        assert text.endswith(f"<|im_start|>user\n{said}!<|im_end|>\n<|im_start|>assistant\n{answer}!<|im_end|>")
+        trained = tok.decode([i for i, label in zip(ex.input_ids, ex.labels) if label != IGNORE])
+        assert trained == f"{answer}!<|im_end|>"
+    assert "(message 2)" in first.where and "(message 4)" in second.where
+
+
+def test_template_that_does_not_render_the_assistant_turn_is_refused(tok, tmp_path):
+    t = write_template(tmp_path, "{% for m in messages %}{% if m.role != 'assistant' %}<|im_start|>{{ m.role }}\n"
+                       "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(TunelabError, match=r"t.jinja: message 2, an assistant turn, is not found in the rendering"):
         encode(tok, [{"messages": CONV}], template=t)
 
 
@@ -275,10 +299,9 @@ def test_double_bos_is_refused(tok, tmp_path):
 
 
 def test_template_raise_exception_becomes_an_error(tok, tmp_path):
-    t = write_template(tmp_path, "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}"
-                       "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-                       "{% endfor %}")
-    with pytest.raises(TunelabError, match="refuses this conversation: no system role"):
+    t = write_template(tmp_path, "{% for m in messages %}{% if 'ciao' in m.content %}{{ raise_exception('no ciao') }}"
+                       "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    with pytest.raises(TunelabError, match="refuses this conversation: no ciao"):
         encode(tok, [{"messages": CONV}], template=t)
 
 

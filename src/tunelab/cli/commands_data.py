@@ -51,6 +51,11 @@ def print_statistics(stats: dict) -> None:
 
             print(mixture_table(st))
             continue
+        if split == "chat":
+            from ..tasks.chat import chat_lines
+
+            print("\n".join(chat_lines(st)))
+            continue
         if split == "sni":
             print(f"tasks: trained on {st['train_tasks']}; held out {st['eval_tasks']}; encoding {st['encoding']}")
             continue

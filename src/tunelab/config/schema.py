@@ -271,6 +271,9 @@ class ChatConfig:
     system_mode: Literal["record", "default", "none"] = field(default="record", metadata={
         "help": "record: the record's own system prompt, else the default; default: always the default; none: no "
                 "system prompt of ours (a template may add its own)"})
+    system_fallback: Literal["fold", "drop", "drop_record"] = field(default="fold", metadata={
+        "help": "where the chat template refuses a system message (Gemma 2): fold it into the first user turn "
+                "(what Gemma 3's template does), drop it, or drop the conversation; the log counts each"})
     train_on: Literal["all_assistant", "last_assistant", "all"] = field(default="all_assistant", metadata={
         "help": "the tokens that carry the loss: every assistant turn (with its end-of-turn token), the last one, "
                 "or every token"})

@@ -22,12 +22,17 @@ from pathlib import Path
 
 from ..errors import TunelabError
 from .chat_render import (  # re-exported (chat.render ...); the bounds are read, and patched, in chat_render
+    CLOSE_MARK,
     MAX_INT_BITS,
+    OPEN_MARK,
     RENDER_CHARS,
     RENDER_CHARS_PER_INPUT,
     RENDER_SECONDS,
+    TemplateRefused,
     render,
     render_limit,
+    render_spans,
+    uses_generation_tag,
 )
 from .conversations import (  # re-exported as above
     FORMAT_FIELDS,
@@ -42,11 +47,13 @@ from .conversations import (  # re-exported as above
 )
 from .types import IGNORE
 
-__all__ = ["CHATML", "FORMAT_FIELDS", "LLAMA3", "MAX_INT_BITS", "RENDER_CHARS", "RENDER_CHARS_PER_INPUT",
-           "RENDER_SECONDS", "ROLES", "SHIPPED", "ChatTemplate", "Segments", "apply_system", "check_no_special_tokens",
-           "check_roles", "conversation", "detect_format", "drop_last_exchange", "piece_ids", "render",
-           "render_limit", "resolve_template", "segment", "special_texts", "stop_id", "to_messages",
-           "tokenize_segments"]
+__all__ = ["CHATML", "CLOSE_MARK", "ChatTemplate", "FORMAT_FIELDS", "LLAMA3", "MAX_INT_BITS", "OPEN_MARK",
+           "RENDER_CHARS", "RENDER_CHARS_PER_INPUT", "RENDER_SECONDS", "ROLES", "SHIPPED", "Segments",
+           "TemplateRefused", "Turn", "apply_system", "check_generation_spans", "check_no_special_tokens",
+           "check_roles", "conversation", "cut_at_stop", "detect_format", "drop_last_exchange", "end_of_turn",
+           "fit_system", "piece_ids", "render", "render_limit", "render_spans", "resolve_template", "segment",
+           "special_texts", "stop_id", "supports_system", "to_messages", "tokenize_segments", "turns",
+           "uses_generation_tag"]
 
 CHATML = (
     "{% for message in messages %}"
@@ -102,7 +109,7 @@ def resolve_template(spec: str, tok, stop: str | None = None) -> ChatTemplate:
             raise TunelabError(f"the tokenizer's chat_template is not Jinja text but {shown} (a damaged "
                                "tokenizer_config.json?): name one, chat.template=chatml, llama3 or a .jinja file",
                                str(Path(getattr(tok, "name_or_path", "") or ".") / "tokenizer_config.json"))
-        tmpl = ChatTemplate("model", own, tok.eos_token)
+        tmpl = ChatTemplate("model", own, end_of_turn(own, tok))
     elif spec in SHIPPED:
         tmpl = SHIPPED[spec]
     else:
@@ -117,7 +124,7 @@ def resolve_template(spec: str, tok, stop: str | None = None) -> ChatTemplate:
                                str(path)) from None
         except OSError as e:
             raise TunelabError(f"cannot read the chat template: {e.strerror or e}", str(path)) from None
-        tmpl = ChatTemplate(str(path), source, tok.eos_token)
+        tmpl = ChatTemplate(str(path), source, end_of_turn(source, tok))
     if stop:
         tmpl = ChatTemplate(tmpl.name, tmpl.source, stop, tmpl.needs)
     missing = [t for t in tmpl.needs if _single_token(tok, t) is None]
@@ -129,6 +136,66 @@ def resolve_template(spec: str, tok, stop: str | None = None) -> ChatTemplate:
         raise TunelabError(f"template {tmpl.name}: the end-of-turn token {tmpl.stop!r} is not one token of "
                            "this tokenizer (set chat.stop)", "chat.stop" if stop else "chat.template")
     return tmpl
+
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def end_of_turn(source: str, tok) -> str | None:
+    """The token that closes an assistant turn in this template, read from a rendering: the first special token
+    after the assistant's text (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>, </s>). The tokenizer's EOS
+    where the rendering shows none (or the template cannot render a plain exchange)."""
+    tmpl = ChatTemplate("probe", source, None)
+    try:
+        before = render(tmpl, _PROBE[:1], True, tok, "chat.template")
+        through = render(tmpl, _PROBE, False, tok, "chat.template")
+    except TunelabError:
+        return tok.eos_token
+    rest = through[len(before):] if through.startswith(before) else through
+    at = rest.find(_PROBE[1]["content"])
+    after = rest[at + len(_PROBE[1]["content"]):] if at >= 0 else ""
+    specials = set(special_texts(tok))
+    for t in tok.convert_ids_to_tokens(tok(after, add_special_tokens=False)["input_ids"]):
+        if t in specials:
+            return t
+    return tok.eos_token
+
+
+_SYSTEM_SUPPORT: dict[tuple[str, int], bool] = {}
+
+
+def supports_system(tmpl: ChatTemplate, tok) -> bool:
+    """Whether the template takes a system message (Gemma 2's refuses one: 'System role not supported')."""
+    key = (tmpl.source, id(tok))
+    if key not in _SYSTEM_SUPPORT:
+        try:
+            render(tmpl, [{"role": "system", "content": "Be brief."}, *_PROBE], False, tok, "chat.template")
+            _SYSTEM_SUPPORT[key] = True
+        except TemplateRefused:
+            try:  # refused for the system message, or for anything?
+                render(tmpl, _PROBE, False, tok, "chat.template")
+                _SYSTEM_SUPPORT[key] = False
+            except TunelabError:
+                _SYSTEM_SUPPORT[key] = True  # (the conversation's own rendering will say what is wrong)
+        except TunelabError:
+            _SYSTEM_SUPPORT[key] = True
+    return _SYSTEM_SUPPORT[key]
+
+
+def fit_system(messages: list[dict], tmpl: ChatTemplate, tok, fallback: str) -> tuple[list[dict] | None, str | None]:
+    """The conversation as the template takes it: where it refuses a system message, ``fallback`` says what
+    to do with one (chat.system_fallback): ``fold`` it into the first user turn (system, a blank line, the
+    user's text: what Gemma 3's template does), ``drop`` it, or ``drop_record`` (None). Also says what was
+    done ("folded", "dropped", "dropped_record"), or None when nothing was."""
+    if not messages or messages[0]["role"] != "system" or supports_system(tmpl, tok):
+        return messages, None
+    system, rest = messages[0]["content"], messages[1:]
+    if fallback == "drop_record":
+        return None, "dropped_record"
+    if fallback == "drop" or not rest or rest[0]["role"] != "user":
+        return list(rest), "dropped"
+    first = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}" if system.strip() else rest[0]["content"]}
+    return [first, *rest[1:]], "folded"
 
 
 def stop_id(tmpl: ChatTemplate, tok) -> int:
@@ -149,35 +216,119 @@ class Segments:
     pieces: list[tuple[str, bool]]
     prompt_text: str  # the rendering up to the last assistant turn, with the generation prompt
     answer: str  # the last assistant turn's content
+    turn: int | None = None  # one turn of a conversation on its own (per-turn examples): its message index
 
 
-def segment(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> Segments:
-    full = render(tmpl, messages, False, tok, where)
-    pieces: list[tuple[str, bool]] = []
-    pos = 0
-    prompt_text = ""
+@dataclass(frozen=True)
+class Turn:
+    """An assistant turn as the model sees it at inference time."""
+
+    index: int  # its message index
+    prompt: str  # render(messages[:index], add_generation_prompt=True)
+    answer: str  # what the turn adds after that: its text through the end-of-turn token
+    at: int  # where the answer starts in render(messages[:index + 1])
+
+
+def turns(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> list[Turn]:
+    """Each assistant turn: the prompt the template gives it at inference time and the text it adds, cut after
+    the end-of-turn token (what a template writes after that, a newline or an EOS after the last turn, is not
+    the assistant's). Where the rendering of the turn does not continue the prompt (Mistral's template puts the
+    system prompt into the last user turn only), the turn's text is what follows the longest end of the prompt
+    that the rendering repeats before the turn's content (its "[/INST]")."""
+    out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = render(tmpl, messages[:i], True, tok, where)
         through = render(tmpl, messages[: i + 1], False, tok, where)
-        if not (before.startswith(full[:pos]) and through.startswith(before) and full.startswith(through)):
+        at = len(before) if through.startswith(before) else after_prompt(before, through, m["content"])
+        if at is None:
             raise TunelabError(
-                f"chat template {tmpl.name} renders the first {i + 1} messages as something that is not a "
-                "prefix of the whole conversation, so assistant tokens cannot be located and the loss mask "
-                "would be wrong (use another template: chat.template=chatml or llama3)", where)
-        answer = through[len(before):].rstrip()  # trailing newlines belong to the next piece
-        if not answer:
+                f"chat template {tmpl.name}: message {i}, an assistant turn, is not found in the rendering of the "
+                f"first {i + 1} messages after the prompt, so the assistant's tokens cannot be told from what the "
+                "model sees at inference time (use another template: chat.template=chatml or llama3)", where)
+        answer = cut_at_stop(through[at:], m["content"], tmpl.stop)
+        if not answer.strip():
             raise TunelabError(f"message {i}: the assistant turn renders as nothing", where)
-        pieces.append((full[pos:len(before)], False))
-        pieces.append((answer, True))
-        pos = len(before) + len(answer)
-        prompt_text = before
-    tail = full[pos:]
-    if tail.strip():
-        pieces.append((tail, False))
-    return Segments([(t, s) for t, s in pieces if t], prompt_text, messages[max(
-        i for i, m in enumerate(messages) if m["role"] == "assistant")]["content"])
+        out.append(Turn(i, before, answer, at))
+    return out
+
+
+def after_prompt(before: str, through: str, content: str) -> int | None:
+    """Where the assistant's turn starts in ``through`` when it does not continue ``before``: after the longest
+    end of ``before`` that ``through`` holds before the turn's content (None: the content is not there)."""
+    c = through.rfind(content.strip()) if content.strip() else -1
+    if c < 0:
+        return None
+    head = through[:c]
+    lo, hi = 0, min(len(before), len(head))  # an end of length L found means every shorter end is found too
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before[len(before) - mid:] in head:
+            lo = mid
+        else:
+            hi = mid - 1
+    return head.rfind(before[len(before) - lo:]) + lo if lo else c
+
+
+def cut_at_stop(rest: str, content: str, stop: str | None) -> str:
+    """``rest`` (what rendering an assistant turn adds) through the first end-of-turn token after the turn's
+    content; without one, ``rest`` less its trailing whitespace."""
+    if stop:
+        start = rest.find(content.strip()) if content.strip() else -1
+        at = rest.find(stop, start + len(content.strip()) if start >= 0 else 0)
+        if at >= 0:
+            return rest[: at + len(stop)]
+    return rest.rstrip()
+
+
+def segment(tmpl: ChatTemplate, messages: list[dict], tok, where: str, train_on: str = "all_assistant"
+            ) -> list[Segments]:
+    """The conversation as training examples. Where every turn's prompt and text is a prefix of the whole
+    rendering (most templates), one example holds them all. Where the template renders earlier turns
+    differently once the conversation goes on (Qwen3 drops their reasoning; Mistral moves the system prompt
+    into the last user turn), each assistant turn is its own example, rendered as the model sees it then
+    (``train_on: all`` keeps the whole rendering as one example instead, every token trained)."""
+    ts = turns(tmpl, messages, tok, where)
+    full = render(tmpl, messages, False, tok, where)
+    if uses_generation_tag(tmpl.source):
+        check_generation_spans(tmpl, messages, ts, tok, where)
+    last = ts[-1]
+    content = messages[last.index]["content"]
+    stable = all(full.startswith(t.prompt + t.answer) for t in ts) and all(
+        len(b.prompt) >= len(a.prompt) + len(a.answer) for a, b in zip(ts, ts[1:]))
+    if stable:
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for t in ts:
+            pieces.append((full[pos:len(t.prompt)], False))
+            pieces.append((t.answer, True))
+            pos = len(t.prompt) + len(t.answer)
+        if full[pos:].strip():
+            pieces.append((full[pos:], False))
+        return [Segments([(t, s) for t, s in pieces if t], last.prompt, content)]
+    if train_on == "all":
+        cut = len(last.prompt) if full.startswith(last.prompt) else 0
+        return [Segments([(t, sup) for t, sup in ((full[:cut], False), (full[cut:], True)) if t], last.prompt,
+                         content)]
+    return [Segments([(t.prompt, False), (t.answer, True)], t.prompt, messages[t.index]["content"], t.index)
+            for t in ts if train_on != "last_assistant" or t is last]
+
+
+def check_generation_spans(tmpl: ChatTemplate, messages: list[dict], ts: list[Turn], tok, where: str) -> None:
+    """A template that marks the assistant's text with {% generation %} (transformers' assistant masks) must
+    agree with the masks built here: the span it marks for a turn holds the turn's text, and besides it only
+    what the generation prompt adds (the assistant's header) and whitespace after the end-of-turn token."""
+    for t in ts:
+        text, spans = render_spans(tmpl, messages[: t.index + 1], False, tok, where)
+        start, end = t.at, t.at + len(t.answer)
+        prior = len(render(tmpl, messages[: t.index], False, tok, where))
+        if not spans or not (prior <= spans[-1][0] <= start and end <= spans[-1][1]
+                             and not text[end:spans[-1][1]].strip()):
+            marked = text[spans[-1][0]:spans[-1][1]] if spans else ""
+            raise TunelabError(f"chat template {tmpl.name}: its {{% generation %}} span for message {t.index} "
+                               f"({marked[:60]!r}) does not agree with the assistant's text rendered after the "
+                               f"generation prompt ({t.answer[:60]!r})", where)
 
 
 def piece_ids(texts: list[str], tok, where: str, tmpl_name: str) -> list[list[int]]:

@@ -4,6 +4,10 @@ A chat template is untrusted input (a tokenizer's tokenizer_config.json, a recip
 rendered in a sandboxed Jinja environment, so it can never reach Python internals, and within bounds, so one
 that loops or grows without end stops with a one-line error: RENDER_SECONDS of time and RENDER_CHARS
 characters (more for a long conversation) for what one rendering builds or produces.
+
+Templates may mark the text the assistant generates with ``{% generation %} ... {% endgeneration %}``
+(transformers' assistant-mask tags, as in SmolLM3's template): the tag renders its body, and ``render_spans``
+also says where each marked span lies in the rendering.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ class _Budget(threading.local):
 
 
 _BUDGET = _Budget()
+
+# what {% generation %} puts around its body while spans are asked for (characters of Unicode's private-use
+# area; a conversation that holds them is refused by check_no_markers, so they never come from the data)
+OPEN_MARK, CLOSE_MARK = "\ue000", "\ue001"
+_MARKING = threading.local()
 
 
 def _too_big(n: int) -> _RenderBound:
@@ -137,7 +146,7 @@ def _env():
             def getitem(self, obj, argument):
                 return _check(super().getitem(obj, argument))
 
-        env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag()])
 
         def raise_exception(message: str) -> None:
             raise _TemplateRaised(message)
@@ -153,6 +162,36 @@ def _env():
 
 class _TemplateRaised(Exception):
     pass
+
+
+class TemplateRefused(TunelabError):
+    """The template itself refused the conversation (its raise_exception: 'System role not supported')."""
+
+
+def _generation_tag():
+    """The ``{% generation %} ... {% endgeneration %}`` tag: its body as it is, between OPEN_MARK and CLOSE_MARK
+    while render_spans asks where the assistant's text lies."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller) -> str:
+            text = caller()
+            return f"{OPEN_MARK}{text}{CLOSE_MARK}" if getattr(_MARKING, "on", False) else text
+
+    return Generation
+
+
+def uses_generation_tag(source: str) -> bool:
+    """Whether a template marks the assistant's text with {% generation %}."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
 
 
 _COMPILED: dict[str, Any] = {}
@@ -212,6 +251,29 @@ def render_limit(messages: list[dict]) -> int:
     return RENDER_CHARS + RENDER_CHARS_PER_INPUT * size
 
 
+def render_spans(tmpl, messages: list[dict], add_generation_prompt: bool, tok,
+                 where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering, and the (start, end) of each span the template marks with {% generation %} in it."""
+    _MARKING.on = True
+    try:
+        marked = render(tmpl, messages, add_generation_prompt, tok, where)
+    finally:
+        _MARKING.on = False
+    text, spans, start = [], [], None
+    at = 0
+    for part in re.split(f"([{OPEN_MARK}{CLOSE_MARK}])", marked):
+        if part == OPEN_MARK:
+            start = at
+        elif part == CLOSE_MARK:
+            if start is not None:
+                spans.append((start, at))
+            start = None
+        else:
+            text.append(part)
+            at += len(part)
+    return "".join(text), spans
+
+
 def render(tmpl, messages: list[dict], add_generation_prompt: bool, tok, where: str) -> str:
     """``messages`` rendered with ``tmpl`` (a chat.ChatTemplate: its name and Jinja source; the type is not
     imported here, as chat imports this module), bounded; a template that fails or runs past a bound is a
@@ -227,7 +289,7 @@ def render(tmpl, messages: list[dict], add_generation_prompt: bool, tok, where: 
         raise TunelabError(f"chat template {tmpl.name} {e.what} for one conversation (does it loop without end? "
                            "use another template: chat.template=chatml or llama3)", where) from None
     except _TemplateRaised as e:
-        raise TunelabError(f"chat template {tmpl.name} refuses this conversation: {e}", where) from None
+        raise TemplateRefused(f"chat template {tmpl.name} refuses this conversation: {e}", where) from None
     except SecurityError as e:
         raise TunelabError(f"chat template {tmpl.name} tried something unsafe and was stopped: {one_line(e)}",
                            where) from None

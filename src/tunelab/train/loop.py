@@ -40,6 +40,7 @@ from ..evaluation import (
 )
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 from ..tasks import build_dataset, objective, output_name, task_of, trainable_model
+from ..tasks.chat import chat_lines
 from ..tracking import Trackers
 from . import parallel, rundir, saving
 from .forward import compile_layers, eager
@@ -168,7 +169,8 @@ def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 def _describe_data(stats: dict, quiet: bool) -> None:
-    """What the data statistics add: synthetic records, the mixture's table, the SNI tasks."""
+    """What the data statistics add: synthetic records, the mixture's table, the chat template's shapes, the SNI
+    tasks."""
     if "synthetic" in stats:
         sy = stats["synthetic"]
         say(f"data.synthetic: {sy['records']} of the training examples are {sy['field']} values sampled from a "
@@ -177,6 +179,9 @@ def _describe_data(stats: dict, quiet: bool) -> None:
         from ..data.instruct import mixture_table
 
         say(mixture_table(stats["mixture"]), quiet)
+    if "chat" in stats:
+        for line in chat_lines(stats["chat"]):
+            say(line, quiet)
     if "sni" in stats:
         say(f"tasks: trained on {', '.join(stats['sni']['train_tasks'])}; held out (evaluated): "
             f"{', '.join(stats['sni']['eval_tasks'])}", quiet)
