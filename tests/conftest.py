@@ -107,3 +107,34 @@ def tunelab(*args: str, cwd: Path | None = None, check: bool = True, env: dict |
     if check and proc.returncode != 0:
         raise AssertionError(f"tunelab {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def build_tiny_gpt2(path: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide GPT-2 (Conv1D layers c_attn, c_proj, c_fc; absolute position embeddings; the head
+    tied to the input embeddings) with a small BPE tokenizer that, like GPT-2's, has no pad token and one
+    special token, <|endoftext|>, for beginning, end and unknown."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    names = NAMES.read_text().split()[:2000]
+    corpus = [f"Reverse the name: {n}. Answer: {n[::-1]}" for n in names]
+    end = "<|endoftext|>"
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[end], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=end, eos_token=end, unk_token=end)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tinygpt2") / "model")

@@ -233,7 +233,8 @@ class LoraConfig:
     alpha: float = field(default=32, metadata={"help": "the scale is alpha/r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
-        "help": "module names to adapt, or [all-linear] (every linear layer but the output head)"})
+        "help": "module names to adapt, as PEFT matches them (q_proj, v_proj; GPT-2: c_attn, c_proj, c_fc), or "
+                "[all-linear] (every linear and Conv1D layer but the output head)"})
     layers: list[int] | None = field(default=None, metadata={
         "help": "only these decoder layers get adapters (null: all)"})
 

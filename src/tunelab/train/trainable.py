@@ -1,8 +1,9 @@
 """Choosing what trains: full | lora | head | freeze, and saving what was trained.
 
 - full: every parameter.
-- lora: PEFT LoRA adapters, W = W0 + (alpha/r)·B·A, on ``lora.targets`` (default q_proj, v_proj;
-  ``all-linear`` for every linear layer but the output head). Saved in PEFT's own format.
+- lora: PEFT LoRA adapters, W = W0 + (alpha/r)·B·A, on ``lora.targets``: module names as PEFT matches them
+  (default q_proj, v_proj; GPT-2's Conv1D layers c_attn, c_proj, c_fc; embeddings, convolutions), or
+  ``all-linear`` for every nn.Linear and Conv1D but the output head. Saved in PEFT's own format.
 - head: only the output head. When the head is tied to the input embeddings (SmolLM2, Llama-3.2 ...)
   it is untied first: the head gets its own copy and trains, the input embeddings stay frozen, and the
   saved model says ``tie_word_embeddings: false``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,28 +44,75 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 setattr(m, attr, p)
 
 
+def _lora_shape(m: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of the update B·A that PEFT's LoRA gives a module of this type, or None for a type it cannot
+    adapt (the types of peft.tuners.lora.layer.dispatch_default)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, Conv1D):  # GPT-2's c_attn, c_proj, c_fc: y = x·W + b, W stored (in, out)
+        n_in, n_out = m.weight.shape
+        return n_in, n_out
+    if isinstance(m, nn.Embedding):  # A (r, num_embeddings), B (embedding_dim, r)
+        return m.num_embeddings, m.embedding_dim
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # A: a conv of the layer's kernel onto r channels
+        return m.in_channels * math.prod(m.kernel_size), m.out_channels
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
+    return None
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """What PEFT's all-linear takes: nn.Linear and transformers' Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, (nn.Linear, Conv1D))
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a listed target: the module's full name or its last dotted parts (c_proj, attn.c_proj)."""
+    return name == target or name.endswith("." + target)
+
+
+def _layer_index(name: str) -> int | None:
+    index = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # PEFT's default layers pattern
+    return None if index is None else int(index["idx"])
+
+
 def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """Last name parts of the layers all-linear adapts: every nn.Linear and Conv1D but the output head."""
+    out_emb = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m) and m is not out_emb})
+
+
+def lora_module_names(model: PreTrainedModel) -> list[str]:
+    """Last name parts of the modules LoRA can adapt by name (linear, Conv1D, embeddings, convolutions ...),
+    but the output head."""
     out_emb = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and m is not out_emb})
+                   if name and m is not out_emb and _lora_shape(m) is not None})
+
+
+def _targeted(model: PreTrainedModel, lora: LoraConfig) -> dict[str, nn.Module]:
+    out_emb = model.get_output_embeddings()
+    every = lora.targets == ["all-linear"]
+    found = {}
+    for name, m in model.named_modules():
+        if not name or m is out_emb or _lora_shape(m) is None:
+            continue
+        if not (_is_linear(m) if every else any(_matches(name, t) for t in lora.targets)):
+            continue
+        if lora.layers is not None and _layer_index(name) not in lora.layers:
+            continue
+        found[name] = m
+    return found
 
 
 def targeted_shapes(model: PreTrainedModel, lora: LoraConfig) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of each linear layer LoRA adapts, matched as PEFT matches them: by
-    the name's last part (all-linear: every linear layer but the output head), then the layer index."""
-    out_emb = model.get_output_embeddings()
-    found = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or m is out_emb:
-            continue
-        if lora.targets != ["all-linear"] and name.rsplit(".", 1)[-1] not in lora.targets:
-            continue
-        if lora.layers is not None:
-            index = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # PEFT's default layers pattern
-            if index is None or int(index["idx"]) not in lora.layers:
-                continue
-        found[name] = (m.in_features, m.out_features)
-    return found
+    """name -> (in, out) of each module LoRA adapts, matched as PEFT matches them: by the name's last parts
+    (all-linear: every nn.Linear and Conv1D but the output head), then the layer index."""
+    return {name: cast("tuple[int, int]", _lora_shape(m)) for name, m in _targeted(model, lora).items()}
 
 
 def check_lora_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
@@ -80,29 +129,53 @@ def check_lora_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
                            f"{limit} or less", "lora.r")
 
 
+def check_lora_targets(model: PreTrainedModel, targets: list[str]) -> None:
+    """Each named target matches some module, none of them the output head, all of types LoRA adapts; an error
+    lists the modules it could name."""
+    out_emb = model.get_output_embeddings()
+    choices = f"modules LoRA can adapt: {', '.join(lora_module_names(model))}; or all-linear"
+    for t in targets:
+        hits = [(name, m) for name, m in model.named_modules() if name and _matches(name, t)]
+        if not hits:
+            raise TunelabError(f"{t!r} matches no module of this model ({choices})", "lora.targets")
+        if any(m is out_emb for _, m in hits):
+            raise TunelabError(f"{t!r} is the output head, which tunelab's LoRA leaves out: train.mode=head "
+                               f"trains it ({choices})", "lora.targets")
+        bad = [(name, m) for name, m in hits if _lora_shape(m) is None]
+        if bad:
+            kind = type(bad[0][1]).__name__
+            what = f"a {kind}" if len(bad) == 1 else f"{kind} modules"
+            where = bad[0][0] + (", ..." if len(bad) > 1 else "")
+            raise TunelabError(f"{t!r} names {what} ({where}), which LoRA cannot adapt ({choices})", "lora.targets")
+
+
 def _apply_lora(model: PreTrainedModel, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    linear = linear_module_names(model)
-    if lora.targets == ["all-linear"]:
-        targets: str | list[str] = "all-linear"
-    else:
-        targets = list(lora.targets)
-        for t in targets:
-            if t not in linear:
-                raise TunelabError(f"{t!r} matches no module of this model (linear modules: "
-                                   f"{', '.join(linear)}; or all-linear)", "lora.targets")
+    every = lora.targets == ["all-linear"]
+    if not every:
+        check_lora_targets(model, lora.targets)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if lora.layers is not None and n_layers is not None:
         bad = [i for i in lora.layers if not 0 <= i < n_layers]
         if bad:
             raise TunelabError(f"layers {bad} out of range: the model has {n_layers}", "lora.layers")
+    targeted = _targeted(model, lora)
     check_lora_rank(lora.r, targeted_shapes(model, lora))  # before PEFT allocates r × in and out × r per layer
-    # (PEFT annotates lora_alpha as int; it takes any number: the scaling is alpha / r)
-    cfg = PeftLoraConfig(r=lora.r, lora_alpha=cast(int, lora.alpha), lora_dropout=lora.dropout, target_modules=targets,
-                         layers_to_transform=lora.layers, task_type="CAUSAL_LM")
+    targets: str | list[str] = list(lora.targets)
+    layers = lora.layers
+    if every and layers is None:
+        targets = "all-linear"
+    elif every:  # PEFT takes layers_to_transform only with listed names: all-linear's, cut to the layers here
+        targets, layers = sorted(targeted), None
     try:
+        # (PEFT annotates lora_alpha as int; it takes any number: the scaling is alpha / r. fan_in_fan_out: the
+        # (in, out) layout of Conv1D's weight, which PEFT would otherwise set itself, with a warning)
+        cfg = PeftLoraConfig(r=lora.r, lora_alpha=cast(int, lora.alpha), lora_dropout=lora.dropout,
+                             target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM",
+                             fan_in_fan_out=any(isinstance(m, Conv1D) for m in targeted.values()))
         return get_peft_model(model, cfg)
     except ValueError as e:
         raise TunelabError(f"PEFT refused the adapter: {e}", "lora.targets") from None
