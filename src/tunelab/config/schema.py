@@ -26,8 +26,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
         "help": "the weights' dtype; auto: bfloat16 on a GPU that has it, else float32 (float16 only with "
                 "train.mode=lora: no loss scaling)"})
-    device: Device = field(default="auto", metadata={
-        "help": "auto: cuda when a GPU is available, else cpu"})
+    device: Device = field(default="auto", metadata={"help": "auto: cuda when a GPU is available, else cpu"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "run the model repository's own Python code (transformers' trust_remote_code): only for code you "
                 "trust"})
@@ -63,8 +62,7 @@ class SourceConfig:
                 "cache); give either path or dataset"})
     subset: str | None = field(default=None, metadata={"help": "the data set's configuration (subset) name"})
     split: str = field(default="train", metadata={"help": "the data set's split to load"})
-    text_field: str = field(default="text", metadata={
-        "help": "the field name given to each line of a plain-text file"})
+    text_field: str = field(default="text", metadata={"help": "the field name given to each line of a plain-text file"})
 
 
 @dataclass
@@ -185,8 +183,7 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon"})
     dropout: float | None = field(default=None, metadata={
         "help": "overrides the model's dropout probabilities (null: the model's own)"})
-    seed: int = field(default=0, metadata={
-        "help": "one seed for the data split and order, initialisation and dropout"})
+    seed: int = field(default=0, metadata={"help": "one seed for the data split and order, initialisation and dropout"})
     log_every: int = field(default=10, metadata={
         "help": "a log line every N steps when not on a terminal (a progress bar on one)"})
     eval_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: only at the end)"})
@@ -207,8 +204,7 @@ class TrainConfig:
     best_metric: Literal["val_loss", "exact_match", "accuracy"] = field(default="val_loss", metadata={
         "help": "what early stopping and the best weights follow (exact_match and accuracy need "
                 "eval.during_training)"})
-    min_delta: float = field(default=0.0, metadata={
-        "help": "an improvement must beat the best by more than this"})
+    min_delta: float = field(default=0.0, metadata={"help": "an improvement must beat the best by more than this"})
     packing: bool = field(default=False, metadata={
         "help": "SFT: a micro-batch's examples end to end in rows of <= pack_length tokens (exact: each example "
                 "attends only to itself)"})
@@ -228,8 +224,7 @@ class TrainConfig:
 class LoraConfig:
     """LoRA adapters (train.mode=lora): W = W0 + (alpha/r)·B·A on the targeted linear layers."""
 
-    r: int = field(default=16, metadata={
-        "help": "the rank (at most the narrowest targeted layer's width)"})
+    r: int = field(default=16, metadata={"help": "the rank (at most the narrowest targeted layer's width)"})
     alpha: float = field(default=32, metadata={"help": "the scale is alpha/r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
@@ -311,8 +306,7 @@ class TemplateConfig:
     """One template of a task: a prompt pattern and a target pattern over the record's fields."""
 
     prompt: str = field(default="", metadata={"help": "template over the record's fields (and {options})"})
-    completion: str = field(default="", metadata={
-        "help": "template giving the target (and {answer}, {option_key})"})
+    completion: str = field(default="", metadata={"help": "template giving the target (and {answer}, {option_key})"})
     name: str | None = field(default=None, metadata={"help": "default: \"<task>/<index>\""})
 
 
@@ -330,8 +324,7 @@ class TaskConfig:
         "help": "the task's templates, added to the built-in ones"})
     options: list[str] | None = field(default=None, metadata={
         "help": "FLAN options rendered into {options}; the answer into {option_key}"})
-    options_field: str | None = field(default=None, metadata={
-        "help": "or a record field holding the list of options"})
+    options_field: str | None = field(default=None, metadata={"help": "or a record field holding the list of options"})
     answer: str = field(default="{answer}", metadata={"help": "template giving the correct option's text"})
     options_style: Literal["dash", "letter", "number"] = field(default="dash", metadata={
         "help": "dash (FLAN's \"OPTIONS:\\n- yes\"), letter (\"(A) yes\") or number (\"1. yes\")"})
@@ -390,8 +383,7 @@ class SNIConfig:
 class EvalConfig:
     """What is evaluated before and after training, and how."""
 
-    before: bool = field(default=True, metadata={
-        "help": "evaluate the base model too, for the before/after table"})
+    before: bool = field(default=True, metadata={"help": "evaluate the base model too, for the before/after table"})
     generate: bool = field(default=True, metadata={
         "help": "greedy generation + exact match (generation and chat tasks; classification is scored by accuracy)"})
     split: Literal["auto", "validation", "test"] = field(default="auto", metadata={
@@ -405,8 +397,7 @@ class EvalConfig:
     show: int = field(default=10, metadata={"help": "rows of the before/after table"})
     display: str | None = field(default=None, metadata={
         "help": "template over record fields for the table's input column (default: prompt)"})
-    during_training: bool = field(default=False, metadata={
-        "help": "also score generation at every train.eval_every"})
+    during_training: bool = field(default=False, metadata={"help": "also score generation at every train.eval_every"})
     variations: str | None = field(default=None, metadata={
         "help": "prompt variations scored before/after: a built-in task (reverse, ...) or a YAML/JSON file of "
                 "{prompt, completion} templates"})
