@@ -173,7 +173,8 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
     transformers pools the rightmost token that is not the pad token and its score layer has no bias,
     so export needs last-token pooling and no bias; LoRA is merged first. Where the pad token is also a
     token that texts hold (pad == eos, as SmolLM2's), a text ending in it would be pooled one token early:
-    the export gets a pad token of its own (EXPORT_PAD, one embedding row more, never attended to).
+    the export gets a pad token of its own (EXPORT_PAD, one embedding row more, never attended to). The
+    tokenizer pads on the right, as training did.
     """
     import copy
 
@@ -191,8 +192,11 @@ def export_sequence_classification(clf: SequenceClassifier, out_dir: Path, token
     config.label2id = {name: i for i, name in enumerate(clf.labels)}
     config.pad_token_id = tokenizer.pad_token_id
     shared = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id} - {None}
+    tokenizer = copy.deepcopy(tokenizer)  # (the run's is left as it is)
+    # padded as the classifier trained (collate pads on the right): left padding would shift every position,
+    # and the logits with it. save_pretrained writes an attribute only if it was an argument: set both.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in shared:
-        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.add_special_tokens({"pad_token": EXPORT_PAD})
     try:
         model = AutoModelForSequenceClassification.from_config(config)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from . import atomic, ownership
 from .errors import TunelabError
+from .saved_files import write_use_files
 from .tasks import task_of
 from .train.rundir import input_paths, run_config
 
 
 def merge_adapter(run: Path, out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Fold a LoRA run's adapter into its base model and write it, with the tokenizer, as an HF directory."""
+    """Fold a LoRA run's adapter into its base model and write it, with the tokenizer, the chat template the
+    run trained with and the tokens it stops on (``saved_files``), as an HF directory."""
     from .models import load_trained
 
     cfg = run_config(run)
@@ -30,6 +32,7 @@ def merge_adapter(run: Path, out_dir: str | os.PathLike, force: bool = False) ->
     def write(d: Path) -> None:
         merged.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
+        write_use_files(d, cfg, merged, tok, saved=run / "adapter")  # the run's chat template and stop tokens
 
     ownership.check_not_locked(out)  # (again: the model took a while to load)
     atomic.write_dir(out, write, marker="merged model")

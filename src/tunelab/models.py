@@ -302,12 +302,26 @@ def load_trained(run_dir: Path, cfg: ModelConfig):
     if (run_dir / "adapter").is_dir():
         model, tok = load_model(cfg)
         check_weights_are_safe(run_dir / "adapter", cfg.allow_pickle, str(run_dir / "adapter"))
-        return load_adapter(model, run_dir / "adapter"), tok
+        model = load_adapter(model, run_dir / "adapter")
+        # the tokens the run stops on (saved_files), as a merged model has them; runs saved before lack the file
+        if (run_dir / "adapter" / "generation_config.json").is_file():
+            model.get_base_model().generation_config = _generation_config(run_dir / "adapter")
+        return model, tok
     if (run_dir / "model").is_dir():
         # the trained weights, whatever the run started from (model.init=random drew them only to begin with)
         local = ModelConfig(**{**cfg.__dict__, "name": str(run_dir / "model"), "init": "pretrained"})
         return load_model(local)
     raise TunelabError("no adapter/ or model/ in the run directory (did training finish?)", str(run_dir))
+
+
+def _generation_config(d: Path):
+    """generation_config.json of directory ``d``; a damaged one is a one-line error naming it."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(d)
+    except Exception as e:  # (transformers raises OSError for bad JSON, ValueError for bad values ...)
+        raise diagnose(d) or _unreadable(e, str(d), "generation_config.json") from e
 
 
 def load_trained_classifier(run_dir: Path, cfg: ModelConfig):

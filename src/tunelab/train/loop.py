@@ -39,6 +39,7 @@ from ..evaluation import (
     warn_budget,
 )
 from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+from ..saved_files import write_use_files
 from ..tasks import build_dataset, objective, output_name, task_of, trainable_model
 from ..tasks.chat import chat_lines
 from ..tracking import Trackers
@@ -418,7 +419,11 @@ def finish(run: Run, state: TrainState) -> Path:
         return run.dir
     saving.restore_best(run, state)
     if cfg.output.save_model:
-        atomic.write_dir(run.dir / output_name(cfg), lambda p: save_trained(run.model, cfg.train.mode, p, run.tok))
+        def write(p: Path) -> None:  # the weights and tokenizer, then what other tools need to use them as trained
+            save_trained(run.model, cfg.train.mode, p, run.tok)
+            write_use_files(p, cfg, run.model, run.tok)
+
+        atomic.write_dir(run.dir / output_name(cfg), write)
     say(f"evaluating the fine-tuned model on {len(run.eval_ex)} {run.split_name} examples ...", run.quiet)
     after = evaluate_run(run.model, run.tok, cfg, run.eval_ex, run.val_ex, run.quiet, run.labels, run.amp)
     result = saving.result(run, state, after)
