@@ -8,7 +8,7 @@ LOCK   := constraints.txt
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv browser demo demo-long test lint docs upgrade clean
+.PHONY: venv browser demo demo-long test test-llamacpp llamacpp lint docs upgrade clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,24 @@ browser:
 
 test: venv browser
 	$(PY) -m pytest -q -n auto --durations=20
+
+# llama.cpp itself, to check exported GGUF files (tests/llamacpp): llama-cpp-python built once from its source
+# distribution (portable x86-64 AVX2 flags, no OpenMP) into a wheel cached outside the clone, then installed
+LLAMACPP := llama-cpp-python==0.3.36
+WHEELS   := $(HOME)/.cache/tunelab/wheels
+
+llamacpp: $(VENV)/.llamacpp-installed
+
+$(VENV)/.llamacpp-installed: $(VENV)/.installed
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { echo "building $(LLAMACPP) (once; minutes)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF" \
+	  $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) $(LLAMACPP); }
+	$(PY) -m pip install -q --no-deps $(WHEELS)/llama_cpp_python-0.3.36-*.whl
+	$(PY) -m pip install -q -c $(LOCK) diskcache
+	touch $@
+
+test-llamacpp: llamacpp
+	$(PY) -m pytest -q -m llamacpp tests/llamacpp
 
 # ruff, the type checker over src/, the import layers (pyproject.toml's contracts), generated docs up to date
 lint: venv

@@ -21,10 +21,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_classifier
+    from ..export import export_run
 
-    out = export_classifier(Path(args.run_dir), args.out_dir, force=args.force)
-    print(f"sequence-classification model written to {out}", file=sys.stderr)
+    out = export_run(Path(args.run_dir), args.out, args.format, args.quant, force=args.force)
+    what = {None: "model", "hf": "merged transformers model", "gguf": f"GGUF ({args.quant})",
+            "ollama": "Ollama model (ollama create NAME -f Modelfile, in that directory)"}[args.format]
+    print(f"{what} written to {out}", file=sys.stderr)
     return 0
 
 

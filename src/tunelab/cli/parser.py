@@ -74,10 +74,16 @@ def add_predict(sub) -> None:
 
 
 def add_export(sub) -> None:
-    x = sub.add_parser("export", help="write a classification run as a transformers *ForSequenceClassification")
+    x = sub.add_parser("export", help="a run's model for other runtimes: a merged transformers directory (hf), a "
+                                      "GGUF file (llama.cpp, LM Studio), an Ollama model; a classification run as "
+                                      "a transformers *ForSequenceClassification")
     x.add_argument("run_dir")
-    x.add_argument("out_dir")
-    x.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    x.add_argument("out", help="the output directory (hf, ollama, classification) or .gguf file (gguf)")
+    x.add_argument("--format", choices=("hf", "gguf", "ollama"), default=None,
+                   help="hf (default for generation and chat runs) | gguf | ollama (GGUF + Modelfile)")
+    x.add_argument("--quant", choices=("f16", "bf16", "q8_0", "f32"), default="f16",
+                   help="the GGUF weights' type (gguf, ollama); norms stay f32")
+    x.add_argument("--force", action="store_true", help="replace the output if it exists")
     x.set_defaults(func=commands_models.cmd_export)
 
 

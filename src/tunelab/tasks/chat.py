@@ -140,8 +140,10 @@ def encode_chat(records: list[Record], tok, cfg: DataConfig, ccfg: ChatConfig, s
             stats.supervised.append(sum(label != IGNORE for label in labels))
     stats.kept = len(out)
     if not out and records:
-        raise TunelabError(f"all {stats.total} conversations dropped: {stats.dropped_long} longer than "
-                           f"data.max_length={cfg.max_length}, {stats.dropped_empty} with an empty assistant "
-                           f"turn, {shapes['dropped_system']} with a system prompt the template refuses "
-                           "(chat.system_fallback=drop_record)", f"data.{split}")
+        why = [f"{n} {what}" for n, what in (
+            (stats.dropped_long, f"longer than data.max_length={cfg.max_length}"),
+            (stats.dropped_empty, "with an empty assistant turn"),
+            (shapes["dropped_system"], "with a system prompt the template refuses (chat.system_fallback=drop_record)"))
+            if n]
+        raise TunelabError(f"all {stats.total} conversations dropped: {', '.join(why)}", f"data.{split}")
     return out, stats
