@@ -6,8 +6,14 @@ scored with tunelab's batched evaluation, and the GGUF exports (f16, q8_0) run b
 Prints, per runtime: exact match, the share of outputs identical to transformers', prompts per second, and
 the file size; then one line of JSON.
 
-    python benchmarks/export_llamacpp.py                       # runs/reverse_names, 200 held-out names
-    python benchmarks/export_llamacpp.py --run PATH --n 500
+    python benchmarks/export_llamacpp.py                       # runs/reverse_names, its 500 held-out names
+    python benchmarks/export_llamacpp.py --run PATH --n 200
+    python benchmarks/export_llamacpp.py --chat-run runs/chat_names   # a chat run through llama.cpp's chat API
+
+With --chat-run: the run's held-out conversations answered through llama.cpp's own chat formatting (the
+template embedded in the GGUF, llama-cpp-python's create_chat_completion), scored like tunelab eval (exact
+match of the last assistant turn), beside the run's eval.json; and how many answers stopped at the end of
+their turn rather than at the token limit.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ def held_out(run: Path, n: int):
     from tunelab.train.rundir import run_config
 
     cfg = run_config(run)
-    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name))
     splits, _, _ = build_dataset(cfg, tok)
     examples = splits["validation"][:n]
     return [(e.input_ids[:e.prompt_len], e.completion) for e in examples], cfg.eval.max_new_tokens
@@ -71,11 +77,49 @@ def llamacpp_outputs(path: Path, prompts, max_new_tokens: int) -> tuple[list[str
     return outs, time.perf_counter() - start
 
 
+def chat_check(run: Path, quant: str) -> None:
+    """A chat run's held-out conversations through llama.cpp's chat formatting, against tunelab eval."""
+    import llama_cpp
+
+    from tunelab.data import chat
+    from tunelab.data.formats import split_records
+    from tunelab.train.rundir import run_config
+
+    cfg = run_config(run)
+    records = split_records(cfg.data, cfg.train.seed)["validation"]
+    if cfg.eval.max_examples:
+        records = records[:cfg.eval.max_examples]
+    scored = json.loads((run / "eval.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_run(run, Path(tmp) / "chat.gguf", "gguf", quant)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, verbose=False)
+        right = stopped = 0
+        start = time.perf_counter()
+        for r in records:
+            msgs = chat.conversation(r.fields, cfg.chat, r.where)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            out = llm.create_chat_completion(msgs[:last], temperature=0.0, max_tokens=cfg.eval.max_new_tokens)
+            choice = out["choices"][0]
+            stopped += choice["finish_reason"] == "stop"
+            right += exact_match(choice["message"]["content"] or "", msgs[last]["content"])
+        secs = time.perf_counter() - start
+    n = len(records)
+    print(f"{run}: {n} held-out conversations, llama.cpp {quant} through its chat formatting (embedded template)")
+    print(f"  exact match {right / n:.1%} (tunelab eval: {scored['exact_match']:.1%} over {scored['n']}); "
+          f"stopped at the end of the turn: {stopped}/{n}; {n / secs:.1f} conversations/s")
+    print(json.dumps({"chat_run": str(run), "n": n, "llamacpp_exact_match": round(right / n, 4),
+                      "tunelab_eval_exact_match": scored["exact_match"], "stopped": stopped}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=str(ROOT / "runs" / "reverse_names"))
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--chat-run", help="a chat run: score it through llama.cpp's chat formatting instead")
+    ap.add_argument("--quant", default="f16", help="the GGUF type for --chat-run")
     args = ap.parse_args()
+    if args.chat_run:
+        return chat_check(Path(args.chat_run), args.quant)
     run = Path(args.run)
     examples, max_new = held_out(run, args.n)
     prompts = [p for p, _ in examples]

@@ -129,3 +129,29 @@ def test_chat_run_stops_at_the_end_of_its_turn_in_llamacpp(tmp_path, tiny_chat_m
         assert choice["finish_reason"] == "stop", choice  # stopped at <|im_end|>, not at max_tokens
         right += choice["message"]["content"].strip() == n[0]
     assert abs(right / len(names) - scored) <= 0.25
+
+
+def test_f32_logits_equal_transformers_at_every_position(tmp_path, tiny_model):
+    """Logits at every position of a longer prompt, for a model with a RoPE base other than the default
+    (SmolLM2's is 100000): a wrong base or a wrong head layout grows with the position."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    gguf_file.write_gguf(d, tmp_path / "m.gguf", "f32")
+    ids = tok("Reverse the name: Maximilian. Answer: nailimixaM Reverse the name: Anna.",
+              add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama(tmp_path / "m.gguf", logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max()))

@@ -55,6 +55,8 @@ def test_gguf_holds_the_weights_and_tokenizer(tmp_path, tiny_untied, quant):
     weights = load_file(tiny_untied / "model.safetensors")
     tensors = {t.name: t for t in r.tensors}
     assert "output.weight" in tensors  # untied: the head is its own tensor
+    head = gguf.GGMLQuantizationType.F32 if quant == "f32" else gguf.GGMLQuantizationType.F16
+    assert tensors["output.weight"].tensor_type == head  # (q8_0 keeps the output head in f16)
     q = weights["model.layers.1.self_attn.q_proj.weight"].float().numpy()
     got = gguf.quants.dequantize(tensors["blk.1.attn_q.weight"].data, tensors["blk.1.attn_q.weight"].tensor_type)
     want = gguf_file.interleave_halves(q, cfg["num_attention_heads"])
@@ -119,3 +121,16 @@ def test_modelfile_has_template_stop_and_system():
     lines = text.splitlines()
     assert lines[0] == "FROM ./model.gguf" and lines[1].startswith('TEMPLATE """{{ range $i, $m := .Messages }}')
     assert 'PARAMETER stop "<|im_end|>"' in lines and lines[-1] == 'SYSTEM """Answer in one word."""'
+
+
+def test_rope_base_comes_from_the_config_in_either_spelling(tmp_path, tiny_model):
+    import gguf
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    for spelling in ({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}},
+                     {"rope_theta": 100000.0, "rope_parameters": None}):
+        (d / "config.json").write_text(json.dumps({**cfg, **spelling}))
+        gguf_file.write_gguf(d, tmp_path / "m.gguf", "f16")
+        assert gguf.GGUFReader(tmp_path / "m.gguf").fields["llama.rope.freq_base"].contents() == 100000.0
