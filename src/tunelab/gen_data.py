@@ -170,6 +170,36 @@ def score_completions(items: list[PromptItem], outputs: list[list[str]], verifie
     return comps
 
 
+def best_of(comps: list[Completion], min_score: float | None = None) -> list[Completion]:
+    """Best-of-K: each prompt's highest-scored completion (the augmented teacher's pick), ties going to the text
+    most of the tied samples agree on, then to the earliest; a prompt whose best is scored below
+    ``min_score`` gives none. Completions are grouped by prompt in order (as score_completions returns them)."""
+    from collections import Counter
+    from itertools import groupby
+
+    picked = []
+    for _, group in groupby(comps, key=lambda c: id(c.item)):
+        cands = list(group)
+        if any(c.score is None for c in cands):
+            raise TunelabError("best-of-K needs a score for every completion (--verifier or --critic)", "--select")
+        top = max(c.score for c in cands if c.score is not None)
+        tied = [c for c in cands if c.score == top]
+        votes = Counter(c.text for c in tied)
+        best = max(tied, key=lambda c: (votes[c.text], -c.sample))
+        if min_score is None or top >= min_score:
+            picked.append(best)
+    return picked
+
+
+def pass_at_k(comps: list[Completion], threshold: float = 1.0) -> float:
+    """The share of prompts with at least one completion scored ``threshold`` or more (pass@K for K samples per
+    prompt, with a verifier's 1 = right)."""
+    from itertools import groupby
+
+    hits = [any((c.score or 0.0) >= threshold for c in group) for _, group in groupby(comps, key=lambda c: id(c.item))]
+    return sum(hits) / max(len(hits), 1)
+
+
 def completion_rows(comps: list[Completion], tok, min_score: float | None = None) -> list[dict]:
     """The JSONL rows: the record's fields plus prompt (as text), completion, sample and score (where
     scored); a completion scored below ``min_score`` is left out."""

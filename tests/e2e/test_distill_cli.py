@@ -109,6 +109,14 @@ def test_sequence_level_and_augmented_teacher(tmp_path, tiny_model, names_file, 
             "--min-score", "1", "--max-new-tokens", "8")
     kept_rows = [json.loads(x) for x in kept.read_text().splitlines()]
     assert kept_rows == [r for r in rows if r["score"] >= 1]  # same seed: the same samples, filtered
+    best = tmp_path / "best.jsonl"
+    picked = tunelab("generate", str(teacher_run), "--recipe", str(recipe), "--limit", "10", "--n", "3",
+                     "--temperature", "1.0", "--out", str(best), "--verifier", "tunelab.verifiers:reversed_name",
+                     "--select", "best", "--max-new-tokens", "8")
+    best_rows = [json.loads(x) for x in best.read_text().splitlines()]
+    assert len(best_rows) == 10 and "pass@3" in picked.stderr and "best of 3 for 10 of 10 prompts" in picked.stderr
+    for b in best_rows:  # the highest score among the prompt's three samples
+        assert b["score"] == max(r["score"] for r in rows if r["name"] == b["name"])
     weighted = write_recipe(tmp_path / "w.yaml", tiny_model, names_file, data={
         "train": str(scored), "prompt": "{prompt}", "completion": "{completion}", "unique_by": None,
         "validation_size": 0, "empty_target": "drop", "weight_field": "score"},

@@ -78,16 +78,20 @@ def check_generate(args: argparse.Namespace) -> None:
         raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
     if args.min_score is not None and not (args.verifier or args.critic):
         raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
+    if getattr(args, "select", "all") == "best" and not (args.verifier or args.critic):
+        raise TunelabError("--select best picks by score: give a --verifier or a --critic", "generate")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """A model's completions over a prompt set, as JSONL (sequence-level KD, an augmented teacher)."""
     from ..config import load_config
     from ..gen_data import (
+        best_of,
         check_critic,
         completion_rows,
         generation_model,
         load_verifier,
+        pass_at_k,
         prompts_from_file,
         prompts_from_recipe,
         score_completions,
@@ -123,12 +127,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        seed=args.seed, stop_ids=stops)
     del model
     comps = score_completions(items, outputs, verifier, args.verifier or "", args.critic, args.critic_label)
-    rows = completion_rows(comps, tok, args.min_score)
+    chosen = best_of(comps, args.min_score) if args.select == "best" else comps
+    rows = completion_rows(chosen, tok, None if args.select == "best" else args.min_score)
     write_rows(out, rows)
     scores = [c.score for c in comps if c.score is not None]  # (scored: all of them, or none)
     kept = f", {len(rows)} kept with score >= {args.min_score}" if args.min_score is not None else ""
+    if args.select == "best":
+        kept = f"; best of {args.n} for {len(rows)} of {len(items)} prompts" + (
+            f" (scored >= {args.min_score})" if args.min_score is not None else "")
     mean = f", mean score {sum(scores) / len(scores):.3f}" if scores else ""
-    print(f"{len(comps)} completions of {len(items)} prompts{mean}{kept}; written to {out}", file=sys.stderr)
+    passed = f", pass@{args.n} {pass_at_k(comps):.1%}" if verifier is not None else ""
+    print(f"{len(comps)} completions of {len(items)} prompts{mean}{passed}{kept}; written to {out}", file=sys.stderr)
     return 0
 
 

@@ -127,6 +127,9 @@ def add_generate(sub) -> None:
                                     "sees the record's fields and {output})")
     g.add_argument("--critic-label", default="yes", help="the critic's label whose probability is the score")
     g.add_argument("--min-score", type=float, help="keep only completions scored at least this")
+    g.add_argument("--select", choices=("all", "best"), default="all",
+                   help="all completions, or best: each prompt's highest-scored one (best-of-K, the augmented "
+                        "teacher; with --min-score, prompts whose best scores less give none)")
     g.add_argument("--self-instruct", metavar="SEEDS",
                    help="bootstrap new tasks from these seed tasks (JSONL: instruction, input, output)")
     g.add_argument("--rounds", type=int, default=3, help="Self-Instruct rounds (default 3)")
