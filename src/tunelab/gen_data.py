@@ -200,9 +200,11 @@ def pass_at_k(comps: list[Completion], threshold: float = 1.0) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def completion_rows(comps: list[Completion], tok, min_score: float | None = None) -> list[dict]:
+def completion_rows(comps: list[Completion], tok, min_score: float | None = None,
+                    label: str | None = None, label_at: float = 1.0) -> list[dict]:
     """The JSONL rows: the record's fields plus prompt (as text), completion, sample and score (where
-    scored); a completion scored below ``min_score`` is left out."""
+    scored); a completion scored below ``min_score`` is left out. ``label``: also a field of that name, "yes"
+    when the score is at least ``label_at`` else "no" (a critic's training data, labelled by a verifier)."""
     rows = []
     for c in comps:
         if min_score is not None and c.score is not None and c.score < min_score:
@@ -211,6 +213,8 @@ def completion_rows(comps: list[Completion], tok, min_score: float | None = None
         row = {**c.item.record, "prompt": prompt, "completion": c.text, "sample": c.sample}
         if c.score is not None:
             row["score"] = c.score
+            if label:
+                row[label] = "yes" if c.score >= label_at else "no"
         rows.append(row)
     return rows
 

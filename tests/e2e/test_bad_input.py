@@ -220,8 +220,8 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
             lambda: ["merge", str(c.fake_run(train={"mode": "full"})), str(c.tmp / "merged")], "no adapter/ to merge"),
         "cli: predict on a generation run": (lambda: ["predict", str(c.fake_run()), "emma"],
                                              "predict is for classification runs"),
-        "cli: export of a generation run": (lambda: ["export", str(c.fake_run()), str(c.tmp / "exported")],
-                                            "export writes a sequence-classification"),
+        "cli: export of an unfinished run": (lambda: ["export", str(c.fake_run()), str(c.tmp / "exported")],
+                                             "no adapter/ or model/ in the run directory"),
         "cli: chat with a recipe file": (lambda: ["chat", c.train()[1]], "not a recipe"),
         "cli: data show of a missing recipe": (lambda: ["data", "show", str(c.tmp / "x.yaml")], "recipe not found"),
         # ---- instruction tuning, prompt variations, control set

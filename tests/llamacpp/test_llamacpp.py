@@ -59,8 +59,9 @@ def reverse_run(tmp_path_factory, tiny_model, names_file):
     return d
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_gguf_generates_what_transformers_generates(reverse_run, names_file, quant):
+@pytest.mark.parametrize(("quant", "share"), [("f16", 0.98), ("q8_0", 0.9), ("q4_0", 0.5)])
+def test_gguf_generates_what_transformers_generates(reverse_run, names_file, quant, share):
+    """f16: the same text (rounding may flip a near tie); the block types: mostly the same."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +80,7 @@ def test_gguf_generates_what_transformers_generates(reverse_run, names_file, qua
                                 pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
         hf = hf[:hf.index(tok.eos_token_id)] if tok.eos_token_id in hf else hf
         same += hf == greedy(llm, ids, 8)
-    assert same >= 0.98 * len(names), f"{same} of {len(names)} the same"
+    assert same >= share * len(names), f"{same} of {len(names)} the same"
 
 
 @pytest.mark.parametrize("name", [n for n, _ in gguf_file.PRE_TOKENIZERS])

@@ -31,7 +31,7 @@ def tiny_untied(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("untied") / "model", tie=False, chat=True)
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
 def test_gguf_holds_the_weights_and_tokenizer(tmp_path, tiny_untied, quant):
     import gguf
     import torch
@@ -60,7 +60,7 @@ def test_gguf_holds_the_weights_and_tokenizer(tmp_path, tiny_untied, quant):
     q = weights["model.layers.1.self_attn.q_proj.weight"].float().numpy()
     got = gguf.quants.dequantize(tensors["blk.1.attn_q.weight"].data, tensors["blk.1.attn_q.weight"].tensor_type)
     want = gguf_file.interleave_halves(q, cfg["num_attention_heads"])
-    tol = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}[quant] * float(np.abs(q).max())
+    tol = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2, "q4_0": 0.15}[quant] * float(np.abs(q).max())
     assert np.abs(got.reshape(want.shape) - want).max() <= tol + 1e-9
     norm = tensors["blk.0.attn_norm.weight"]
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32

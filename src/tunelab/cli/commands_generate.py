@@ -78,6 +78,8 @@ def check_generate(args: argparse.Namespace) -> None:
         raise TunelabError("--n > 1 needs sampling: set --temperature above 0", "generate")
     if args.min_score is not None and not (args.verifier or args.critic):
         raise TunelabError("--min-score needs a --verifier or a --critic to score with", "generate")
+    if args.label and not (args.verifier or args.critic):
+        raise TunelabError("--label writes yes/no from a score: give a --verifier (or a --critic)", "generate")
     if getattr(args, "select", "all") == "best" and not (args.verifier or args.critic):
         raise TunelabError("--select best picks by score: give a --verifier or a --critic", "generate")
 
@@ -128,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     del model
     comps = score_completions(items, outputs, verifier, args.verifier or "", args.critic, args.critic_label)
     chosen = best_of(comps, args.min_score) if args.select == "best" else comps
-    rows = completion_rows(chosen, tok, None if args.select == "best" else args.min_score)
+    rows = completion_rows(chosen, tok, None if args.select == "best" else args.min_score, args.label, args.label_at)
     write_rows(out, rows)
     scores = [c.score for c in comps if c.score is not None]  # (scored: all of them, or none)
     kept = f", {len(rows)} kept with score >= {args.min_score}" if args.min_score is not None else ""
@@ -148,9 +150,11 @@ def cmd_self_instruct(args: argparse.Namespace) -> int:
 
     if (args.recipe or args.input or args.verifier or args.critic or args.n != 1 or args.overrides
             or args.limit is not None or args.min_score is not None or args.split != "train"
+            or args.select != "all" or args.label
             or args.prompt_field != "prompt"):
         raise TunelabError("--self-instruct builds its own prompts: drop --recipe/--input/--verifier/--critic/--n/"
-                           "--limit/--min-score/--split/--prompt-field and key=value overrides", "generate")
+                           "--limit/--min-score/--select/--label/--split/--prompt-field and key=value overrides",
+                           "generate")
     if args.rounds < 1 or args.per_round < 1 or not 0 < args.similarity <= 1:
         raise TunelabError("--rounds and --per-round must be at least 1, --similarity in (0, 1]", "generate")
     temperature = 0.7 if args.temperature is None else args.temperature

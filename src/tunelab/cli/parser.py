@@ -81,8 +81,8 @@ def add_export(sub) -> None:
     x.add_argument("out", help="the output directory (hf, ollama, classification) or .gguf file (gguf)")
     x.add_argument("--format", choices=("hf", "gguf", "ollama"), default=None,
                    help="hf (default for generation and chat runs) | gguf | ollama (GGUF + Modelfile)")
-    x.add_argument("--quant", choices=("f16", "bf16", "q8_0", "f32"), default="f16",
-                   help="the GGUF weights' type (gguf, ollama); norms stay f32")
+    x.add_argument("--quant", choices=("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32"), default="f16",
+                   help="the GGUF weights' type (gguf, ollama); norms stay f32, the output head f16")
     x.add_argument("--force", action="store_true", help="replace the output if it exists")
     x.set_defaults(func=commands_models.cmd_export)
 
@@ -127,6 +127,10 @@ def add_generate(sub) -> None:
                                     "sees the record's fields and {output})")
     g.add_argument("--critic-label", default="yes", help="the critic's label whose probability is the score")
     g.add_argument("--min-score", type=float, help="keep only completions scored at least this")
+    g.add_argument("--label", metavar="FIELD",
+                   help="also write FIELD: yes when the completion's score is at least --label-at, else no (a "
+                        "critic's training data, labelled by the --verifier)")
+    g.add_argument("--label-at", type=float, default=1.0, help="the score from which --label says yes (default 1)")
     g.add_argument("--select", choices=("all", "best"), default="all",
                    help="all completions, or best: each prompt's highest-scored one (best-of-K, the augmented "
                         "teacher; with --min-score, prompts whose best scores less give none)")

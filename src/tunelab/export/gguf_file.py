@@ -8,8 +8,9 @@ What a correct file holds, as llama.cpp reads it:
 - the tensors under llama.cpp's names (``token_embd``, ``blk.N.attn_q`` ...: gguf's TensorNameMap). The
   query and key projections are reordered: transformers' Llama rotates the two halves of each head
   (``rotate_half``), llama.cpp rotates adjacent pairs, so each head's rows (0..d/2, d/2..d) are interleaved.
-  Norms stay float32; the other matrices are f32, f16, bf16 or q8_0 (a matrix whose rows are not a whole
-  number of q8_0 blocks stays f16, and so does the output head: its rounding goes straight into the logits;
+  Norms stay float32; the other matrices are f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (the block
+  types gguf's own quantizers write as llama.cpp does; a matrix whose rows are not a whole number of blocks
+  stays f16, and so does the output head: its rounding goes straight into the logits;
   on the main job's model it is the difference between 1.2 and 0.8 points of exact match below float32).
   Tied embeddings write no ``output`` tensor: llama.cpp reuses ``token_embd`` as the head;
 - the tokenizer: every token as its byte-level text, its type (normal, control for special tokens,
@@ -32,7 +33,7 @@ from typing import Any
 from ..errors import TunelabError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
-QUANTS = ("f16", "bf16", "q8_0", "f32")
+QUANTS = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")  # what gguf's quantizers write exactly
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 # the pre-tokenizers (tokenizer.json "pre_tokenizer") whose llama.cpp name is known, each checked against
@@ -142,10 +143,9 @@ def write_gguf(model_dir: Path, out: Path, quant: str = "f16", name: str | None 
     head_dim = config.get("head_dim") or hidden // n_heads
     n_vocab = config["vocab_size"]
     tied = config.get("tie_word_embeddings", False)
-    qtype, ftype = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-                    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-                    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-                    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[quant]
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    ftype = gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+    blocky = quant.startswith("q")
 
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(name or model_dir.name)
@@ -198,8 +198,7 @@ def write_gguf(model_dir: Path, out: Path, quant: str = "f16", name: str | None 
                 elif key.endswith("self_attn.k_proj.weight"):
                     data = interleave_halves(data, n_kv)
                 kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-                if kind == gguf.GGMLQuantizationType.Q8_0 and (gname == "output.weight" or (
-                        tied and gname == "token_embd.weight")):
+                if blocky and kind == qtype and (gname == "output.weight" or (tied and gname == "token_embd.weight")):
                     kind = gguf.GGMLQuantizationType.F16  # the output head: its errors go straight into the logits
                 try:
                     packed = gguf.quants.quantize(data, kind)
