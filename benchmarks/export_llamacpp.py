@@ -1,7 +1,7 @@
 """The main job's model exported, in transformers and in llama.cpp, side by side.
 
 For a run directory (default: runs/reverse_names, what `make demo` writes): the merged transformers model
-scored with tunelab's batched evaluation, and the GGUF exports (f16, q8_0) run by llama.cpp
+scored with tunelab's batched evaluation, and the GGUF exports (f16, q8_0, q4_1, q4_0) run by llama.cpp
 (llama-cpp-python: `make llamacpp`), one prompt at a time with greedy decoding, on the same held-out names.
 Prints, per runtime: exact match, the share of outputs identical to transformers', prompts per second, and
 the file size; then one line of JSON.
@@ -129,7 +129,7 @@ def main() -> None:
         hf_out, hf_s = transformers_outputs(merged, prompts, max_new)
         size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
         rows.append(("transformers (float32, batched)", hf_out, hf_s, size))
-        for quant in ("f16", "q8_0"):
+        for quant in ("f16", "q8_0", "q4_1", "q4_0"):
             path = export_run(run, Path(tmp) / f"{quant}.gguf", "gguf", quant)
             out, secs = llamacpp_outputs(path, prompts, max_new)
             rows.append((f"llama.cpp {quant} (one at a time)", out, secs, path.stat().st_size))

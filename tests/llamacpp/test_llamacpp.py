@@ -156,3 +156,24 @@ def test_f32_logits_equal_transformers_at_every_position(tmp_path, tiny_model):
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
     assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+def test_block_types_are_byte_for_byte_llamacpps_own_quantization(tmp_path, tiny_model, quant):
+    """tunelab's q8_0 ... q4_0 tensors equal what llama.cpp's quantizer writes from the same float32 file."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    gguf_file.write_gguf(tiny_model, f32, "f32")
+    gguf_file.write_gguf(tiny_model, ours, quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight", "blk.1.attn_v.weight"):
+        assert a[name].tensor_type == b[name].tensor_type == gguf.GGMLQuantizationType[quant.upper()]
+        assert np.array_equal(np.array(a[name].data), np.array(b[name].data)), name
