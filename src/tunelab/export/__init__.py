@@ -90,9 +90,10 @@ def _write_ollama(run: Path, cfg: Any, d: Path, quant: str) -> None:
     tmpl = chat.resolve_template("model", tok, cfg.chat.stop)
     wrappers = ollama.wrappers(tmpl, tok)
     ollama.check_wrappers(wrappers, tmpl, tok)
-    stops = [str(tok.convert_ids_to_tokens(int(i))) for i in _turn_ends(merged)]
-    system = cfg.chat.system if cfg.chat.system_mode != "none" else None
-    write_gguf(merged, d / GGUF_NAME, quant, run.name, _turn_ends(merged))
+    ends = _turn_ends(merged)
+    stops = [str(tok.convert_ids_to_tokens(int(i))) for i in ends]
+    _, system = task_of(cfg).chat_defaults(cfg)  # the run's default system prompt (none with system_mode: none)
+    write_gguf(merged, d / GGUF_NAME, quant, run.name, ends)
     (d / "Modelfile").write_text(ollama.modelfile(wrappers, stops, system, GGUF_NAME), encoding="utf-8")
     (d / "README.md").write_text(
         f"# {run.name} for Ollama\n\nExported by tunelab from {run} ({quant}).\n\n"
