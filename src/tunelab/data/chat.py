@@ -227,6 +227,8 @@ class Turn:
     prompt: str  # render(messages[:index], add_generation_prompt=True)
     answer: str  # what the turn adds after that: its text through the end-of-turn token
     at: int  # where the answer starts in render(messages[:index + 1])
+    through: str = ""  # render(messages[:index + 1])
+    spans: tuple[tuple[int, int], ...] = ()  # its {% generation %} spans (templates that mark them)
 
 
 def turns(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> list[Turn]:
@@ -240,7 +242,10 @@ def turns(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> list[Tur
         if m["role"] != "assistant":
             continue
         before = render(tmpl, messages[:i], True, tok, where)
-        through = render(tmpl, messages[: i + 1], False, tok, where)
+        if uses_generation_tag(tmpl.source):
+            through, spans = render_spans(tmpl, messages[: i + 1], False, tok, where)
+        else:
+            through, spans = render(tmpl, messages[: i + 1], False, tok, where), []
         at = len(before) if through.startswith(before) else after_prompt(before, through, m["content"])
         if at is None:
             raise TunelabError(
@@ -250,7 +255,7 @@ def turns(tmpl: ChatTemplate, messages: list[dict], tok, where: str) -> list[Tur
         answer = cut_at_stop(through[at:], m["content"], tmpl.stop)
         if not answer.strip():
             raise TunelabError(f"message {i}: the assistant turn renders as nothing", where)
-        out.append(Turn(i, before, answer, at))
+        out.append(Turn(i, before, answer, at, through, tuple(spans)))
     return out
 
 
@@ -320,7 +325,7 @@ def check_generation_spans(tmpl: ChatTemplate, messages: list[dict], ts: list[Tu
     agree with the masks built here: the span it marks for a turn holds the turn's text, and besides it only
     what the generation prompt adds (the assistant's header) and whitespace after the end-of-turn token."""
     for t in ts:
-        text, spans = render_spans(tmpl, messages[: t.index + 1], False, tok, where)
+        text, spans = t.through, t.spans  # (rendered with its spans by turns())
         start, end = t.at, t.at + len(t.answer)
         prior = len(render(tmpl, messages[: t.index], False, tok, where))
         if not spans or not (prior <= spans[-1][0] <= start and end <= spans[-1][1]
