@@ -8,7 +8,7 @@ LOCK   := constraints.txt
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv browser demo demo-long test test-llamacpp llamacpp lint docs upgrade clean
+.PHONY: venv browser demo demo-long demo-distill test test-llamacpp llamacpp lint docs upgrade clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ demo: venv
 
 demo-long: venv
 	$(VENV)/bin/tunelab train recipes/reverse_names_long.yaml output.overwrite=true
+
+# The augmented teacher's students against their teacher (docs/guides/distillation.md): every step's output in
+# runs/distill/, a step already done is skipped (run it again after an interruption); the teacher is the main job's
+# run (runs/reverse_names, trained first if missing). Options: $(PY) experiments/distill.py --help
+demo-distill: venv
+	$(PY) experiments/distill.py
 
 # headless Chromium for the report's browser test (Debian's package; skipped with a note where it cannot be had)
 browser:
@@ -59,7 +65,7 @@ test-llamacpp: llamacpp
 
 # ruff, the type checker over src/, the import layers (pyproject.toml's contracts), generated docs up to date
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m tunelab.docs_ref --check

@@ -177,6 +177,17 @@ def macro_f1(matrix: list[list[int]]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def per_class(matrix: list[list[int]], labels: list[str]) -> dict[str, dict[str, float | int]]:
+    """Each class's precision (of the examples predicted as it, the share that are), recall (of its examples, the
+    share predicted as it) and support (its examples); precision is 0 for a class never predicted."""
+    k = len(matrix)
+    out: dict[str, dict[str, float | int]] = {}
+    for c, name in enumerate(labels):
+        tp, gold, pred = matrix[c][c], sum(matrix[c]), sum(matrix[r][c] for r in range(k))
+        out[name] = {"precision": tp / pred if pred else 0.0, "recall": tp / gold if gold else 0.0, "support": gold}
+    return out
+
+
 def classification_metrics(model, examples: list[Example], labels: list[str], pad_id: int,
                            batch_size: int = 64) -> dict[str, Any]:
     probs = class_probabilities(model, examples, pad_id, batch_size)
@@ -185,7 +196,7 @@ def classification_metrics(model, examples: list[Example], labels: list[str], pa
     matrix = confusion_matrix(gold, pred, len(labels))
     n = len(examples)
     return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / max(n, 1), "macro_f1": macro_f1(matrix),
-            "n": n, "labels": labels, "confusion": matrix}
+            "n": n, "labels": labels, "confusion": matrix, "per_class": per_class(matrix, labels)}
 
 
 def format_confusion(res: dict[str, Any]) -> str:

@@ -89,9 +89,37 @@ def prompts_from_file(path: str, field: str) -> list[PromptItem]:
     return items
 
 
+GENERATED = ("prompt", "completion", "sample", "score")  # the fields generate adds to a record
+
+
+def candidates_from_file(path: str) -> tuple[list[PromptItem], list[list[str]]]:
+    """The prompts and completions of a JSONL file that ``tunelab generate`` wrote (a record's fields plus
+    prompt, completion, sample[, score]), a prompt's completions together as generate writes them: the
+    input of ``tunelab score``. The record each verifier or critic sees is the row without those fields."""
+    from .config import SourceConfig
+    from .data.readers import read_source
+
+    items: list[PromptItem] = []
+    outputs: list[list[str]] = []
+    for r in read_source(SourceConfig(path=path)):
+        for name in ("prompt", "completion"):
+            if not isinstance(r.fields.get(name), str):
+                raise TunelabError(f"field {name!r} must be a string (a file tunelab generate wrote)", r.where)
+        record = {k: v for k, v in r.fields.items() if k not in GENERATED}
+        if items and items[-1].prompt == r.fields["prompt"] and items[-1].record == record:
+            outputs[-1].append(r.fields["completion"])  # the next completion of the same prompt
+        else:
+            items.append(PromptItem(record, r.fields["prompt"], r.where))
+            outputs.append([r.fields["completion"]])
+    if not items:
+        raise TunelabError("no completions", path)
+    return items, outputs
+
+
 def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[str]) -> list[float]:
     """p(label | text) from a tunelab classification run, its text template filled with the record's
-    fields plus ``output`` (the candidate, stripped) and ``completion`` (as generated)."""
+    fields plus ``prompt`` (a text prompt), ``output`` (the candidate, stripped) and ``completion`` (as
+    generated): the fields of the rows generate writes, so a critic trained on them reads candidates alike."""
     from .config import load_config
     from .data.formats import Example
     from .data.templates import render as render_text
@@ -109,7 +137,8 @@ def critic_scores(run: Path, label: str, items: list[PromptItem], outputs: list[
                            "--critic-label")
     examples = []
     for item, out in zip(items, outputs):
-        fields = {**item.record, "output": out.strip(), "completion": out}
+        prompt = {"prompt": item.prompt} if isinstance(item.prompt, str) else {}  # as generate's rows hold it
+        fields = {**item.record, **prompt, "output": out.strip(), "completion": out}
         text = render_text(cfg.classify.text, fields, item.where, "classify.text")
         ids = tok(text, add_special_tokens=True)["input_ids"][: cfg.data.max_length]
         examples.append(Example(ids, [IGNORE] * len(ids), text, "", item.where))

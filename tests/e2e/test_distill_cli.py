@@ -117,11 +117,52 @@ def test_sequence_level_and_augmented_teacher(tmp_path, tiny_model, names_file, 
     assert len(best_rows) == 10 and "pass@3" in picked.stderr and "best of 3 for 10 of 10 prompts" in picked.stderr
     for b in best_rows:  # the highest score among the prompt's three samples
         assert b["score"] == max(r["score"] for r in rows if r["name"] == b["name"])
+    # tunelab score: the same selection from the samples already written, without a model
+    again = tmp_path / "again.jsonl"
+    rescored = tunelab("score", str(scored), "--verifier", "tunelab.verifiers:reversed_name", "--select", "best",
+                       "--out", str(again))
+    assert [json.loads(x) for x in again.read_text().splitlines()] == best_rows
+    assert "pass@3" in rescored.stderr and "best of 3 for 10 of 10 prompts" in rescored.stderr
+    # --skip: disjoint prompt sets (greedy, so the same completions as the first run's)
+    tail = tmp_path / "tail.jsonl"
+    tunelab("--quiet", "generate", str(teacher_run), "--recipe", str(recipe), "--skip", "20", "--limit", "10",
+            "--out", str(tail), "--max-new-tokens", "8")
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [json.loads(x) for x in tail.read_text().splitlines()] == first[20:30]
     weighted = write_recipe(tmp_path / "w.yaml", tiny_model, names_file, data={
         "train": str(scored), "prompt": "{prompt}", "completion": "{completion}", "unique_by": None,
         "validation_size": 0, "empty_target": "drop", "weight_field": "score"},
         eval={"before": False, "generate": False}, output={"dir": str(tmp_path / "weighted")})
     tunelab("--quiet", "train", str(weighted))
+
+
+def test_first_accepted_tries_greedy_then_samples_only_the_unanswered(tmp_path, tiny_model, names_file, teacher_run):
+    """--select first: the greedy answer when the verifier takes it, else the first accepted of up to --n samples."""
+    (tmp_path / "tv.py").write_text(  # the tiny teacher answers nothing greedily: right for even names only
+        "def even(record, output):\n    return len(record['name']) % 2 == 0 or len(output.strip()) % 2 == 1\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    greedy = tmp_path / "greedy.jsonl"
+    tunelab("--quiet", "generate", str(teacher_run), "--recipe", str(recipe), "--limit", "16", "--out", str(greedy),
+            "--max-new-tokens", "6", "--verifier", "tv:even", env=env)
+    first = tmp_path / "first.jsonl"
+    proc = tunelab("generate", str(teacher_run), "--recipe", str(recipe), "--limit", "16", "--out", str(first),
+                   "--max-new-tokens", "6", "--verifier", "tv:even", "--select", "first", "--n", "4",
+                   "--temperature", "1.5", "--min-score", "1", env=env)
+    g = {r["name"]: r for r in map(json.loads, greedy.read_text().splitlines())}
+    picked = [json.loads(x) for x in first.read_text().splitlines()]
+    assert all(r["score"] == 1.0 and 0 <= r["sample"] <= 4 for r in picked)
+    assert len({r["name"] for r in picked}) == len(picked)
+    for r in picked:  # greedy first: kept when right, else a sample
+        assert (r["sample"] == 0) == (g[r["name"]]["score"] == 1.0)
+        if r["sample"] == 0:
+            assert r["completion"] == g[r["name"]]["completion"]
+    right = sum(r["score"] == 1.0 for r in g.values())
+    assert right < len(picked)  # samples answered some prompts the greedy answer did not
+    assert f"{len(picked)} of 16 prompts answered" in proc.stderr and f"({right} by the greedy answer" in proc.stderr
+    bad = tunelab("generate", str(teacher_run), "--recipe", str(recipe), "--out", str(tmp_path / "x.jsonl"),
+                  "--verifier", "tv:even", "--select", "first", "--temperature", "1", env=env, check=False)
+    assert bad.returncode == 2 and "--min-score" in bad.stderr and not (tmp_path / "x.jsonl").exists()
 
 
 def test_a_classifier_as_critic(tmp_path, tiny_model, names_file, teacher_run):
@@ -140,3 +181,9 @@ def test_a_classifier_as_critic(tmp_path, tiny_model, names_file, teacher_run):
             "--critic", str(tmp_path / "critic"), "--critic-label", "yes", "--max-new-tokens", "6")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 6 and all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert set(json.loads((tmp_path / "critic" / "eval.json").read_text())["per_class"]) == {"yes", "no"}
+    # the same completions scored again by tunelab score: the same critic scores
+    again = tmp_path / "again.jsonl"
+    tunelab("--quiet", "score", str(out), "--critic", str(tmp_path / "critic"), "--out", str(again))
+    assert [r["score"] for r in map(json.loads, again.read_text().splitlines())] == pytest.approx(
+        [r["score"] for r in rows], abs=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tunelab.errors import TunelabError
@@ -43,3 +45,22 @@ def test_pass_at_k_counts_prompts_with_any_right_completion():
                          [("g", 0.0), ("h", 0.0)]])
     assert pass_at_k(comps) == 0.5
     assert pass_at_k(completions([[("a", 0.7)], [("b", 0.2)]]), threshold=0.5) == 0.5
+
+
+def test_candidates_from_a_generated_file_are_grouped_by_prompt(tmp_path):
+    from tunelab.gen_data import candidates_from_file
+
+    rows = [{"name": "ab", "prompt": "P ab", "completion": " ba", "sample": 0, "score": 1.0},
+            {"name": "ab", "prompt": "P ab", "completion": " ab", "sample": 1, "score": 0.0},
+            {"name": "cd", "prompt": "P cd", "completion": " dc", "sample": 0},
+            {"name": "ab", "prompt": "P ab", "completion": " x", "sample": 0}]  # the same prompt again, later
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, outputs = candidates_from_file(str(f))
+    assert [i.record for i in items] == [{"name": "ab"}, {"name": "cd"}, {"name": "ab"}]
+    assert [i.prompt for i in items] == ["P ab", "P cd", "P ab"]
+    assert outputs == [[" ba", " ab"], [" dc"], [" x"]]
+    f.write_text(json.dumps({"name": "ab", "prompt": "P ab"}) + "\n")
+    with pytest.raises(TunelabError, match="field 'completion' must be a string") as e:
+        candidates_from_file(str(f))
+    assert e.value.where.endswith(":1")

@@ -16,7 +16,7 @@ from tunelab.classify import (
     pool,
 )
 from tunelab.errors import TunelabError
-from tunelab.evaluate import confusion_matrix, macro_f1
+from tunelab.evaluate import confusion_matrix, macro_f1, per_class
 
 
 def test_last_token_index_right_and_left_padding():
@@ -57,6 +57,12 @@ def test_confusion_and_macro_f1_by_hand():
     assert m == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     # F1: class0 2*1/(2+2)=0.5, class1 2*2/(2+3)=0.8, class2 0, class3 absent everywhere -> left out
     assert abs(macro_f1(m) - (0.5 + 0.8 + 0.0) / 3) < 1e-9
+    # precision = tp / predicted as the class, recall = tp / its examples
+    pc = per_class(m, ["a", "b", "c", "d"])
+    assert pc["a"] == {"precision": 1 / 2, "recall": 1 / 2, "support": 2}
+    assert pc["b"] == {"precision": 2 / 3, "recall": 1.0, "support": 2}
+    assert pc["c"] == {"precision": 0.0, "recall": 0.0, "support": 1}
+    assert pc["d"] == {"precision": 0.0, "recall": 0.0, "support": 0}
 
 
 def test_the_printed_confusion_matrix_has_each_count_under_its_class():
@@ -112,6 +118,22 @@ def test_padding_side_does_not_change_the_prediction(tiny):
     assert torch.allclose(right, alone, atol=1e-5)
     # left padding shifts positions (RoPE is relative, the mask hides the pad): same logits
     assert torch.allclose(left, alone, atol=1e-4)
+
+
+def test_class_probabilities_keep_no_graph(tiny):
+    """Scoring builds no autograd graph: a critic scoring thousands of candidates once held every batch's
+    activations alive through its probabilities (24 GB for 1200 texts)."""
+    from tunelab.classify import class_probabilities
+    from tunelab.data.formats import Example
+
+    _, lm, _ = tiny
+    clf = SequenceClassifier(lm, ["x", "y"], "last")
+    assert any(p.requires_grad for p in clf.parameters())
+    examples = [Example([5, 6, 7][: n + 1], [-100] * (n + 1), "t", "", f"f:{n}") for n in range(3)]
+    probs = class_probabilities(clf, examples, 0, batch_size=2)
+    assert probs.shape == (3, 2) and not probs.requires_grad and probs.grad_fn is None
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert clf.training  # left as it was
 
 
 def test_export_to_transformers_sequence_classification(tiny, tmp_path):

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="how much tunelab logs (default info; warning with --quiet)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_eval, add_merge, add_predict, add_export, add_chat, add_generate, add_student,
-                add_sweep, add_report, add_recipes, add_data):  # the order of `tunelab --help`
+    for add in (add_train, add_eval, add_merge, add_predict, add_export, add_chat, add_generate, add_score,
+                add_student, add_sweep, add_report, add_recipes, add_data):  # the order of `tunelab --help`
         add(sub)
     return p
 
@@ -111,6 +111,8 @@ def add_generate(sub) -> None:
     g.add_argument("--input", help="or a file of prompts (JSONL, CSV, ...)")
     g.add_argument("--prompt-field", default="prompt", help="the prompt field of --input (default prompt)")
     g.add_argument("--limit", type=int, help="only the first N prompts")
+    g.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N prompts (then --limit counts from there): disjoint prompt sets")
     g.add_argument("--out", required=True, help="JSONL to write: the record's fields + prompt, completion, "
                                                 "sample[, score]")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -123,6 +125,18 @@ def add_generate(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=DEVICES)
     g.add_argument("--verifier", help="module:function(record, output) -> bool | float scoring each completion")
+    add_scoring(g)
+    g.add_argument("--self-instruct", metavar="SEEDS",
+                   help="bootstrap new tasks from these seed tasks (JSONL: instruction, input, output)")
+    g.add_argument("--rounds", type=int, default=3, help="Self-Instruct rounds (default 3)")
+    g.add_argument("--per-round", type=int, default=16, help="Self-Instruct tasks asked for per round")
+    g.add_argument("--similarity", type=float, default=0.7,
+                   help="Self-Instruct: reject an instruction this ROUGE-L-similar to one in the pool")
+    g.set_defaults(func=commands_generate.cmd_generate)
+
+
+def add_scoring(g, generate: bool = True) -> None:
+    """The critic options that generate and score share."""
     g.add_argument("--critic", help="a tunelab classification run scoring each completion (its text template "
                                     "sees the record's fields and {output})")
     g.add_argument("--critic-label", default="yes", help="the critic's label whose probability is the score")
@@ -131,16 +145,23 @@ def add_generate(sub) -> None:
                    help="also write FIELD: yes when the completion's score is at least --label-at, else no (a "
                         "critic's training data, labelled by the --verifier)")
     g.add_argument("--label-at", type=float, default=1.0, help="the score from which --label says yes (default 1)")
-    g.add_argument("--select", choices=("all", "best"), default="all",
-                   help="all completions, or best: each prompt's highest-scored one (best-of-K, the augmented "
-                        "teacher; with --min-score, prompts whose best scores less give none)")
-    g.add_argument("--self-instruct", metavar="SEEDS",
-                   help="bootstrap new tasks from these seed tasks (JSONL: instruction, input, output)")
-    g.add_argument("--rounds", type=int, default=3, help="Self-Instruct rounds (default 3)")
-    g.add_argument("--per-round", type=int, default=16, help="Self-Instruct tasks asked for per round")
-    g.add_argument("--similarity", type=float, default=0.7,
-                   help="Self-Instruct: reject an instruction this ROUGE-L-similar to one in the pool")
-    g.set_defaults(func=commands_generate.cmd_generate)
+    g.add_argument("--select", choices=("all", "best", "first") if generate else ("all", "best"), default="all",
+                   help="all completions; best: each prompt's highest-scored one (best-of-K, the augmented "
+                        "teacher; with --min-score, prompts whose best scores less give none)" + (
+                        "; first: the greedy answer, then up to --n samples, until one scores >= --min-score "
+                        "(rejection sampling; only unanswered prompts are generated again)" if generate else ""))
+
+
+def add_score(sub) -> None:
+    sc = sub.add_parser("score", help="score the completions that generate wrote with a verifier or a critic, "
+                                      "and select (best-of-K, threshold) without sampling again")
+    sc.add_argument("candidates", help="JSONL as tunelab generate writes it: fields, prompt, completion, sample; "
+                                       "a prompt's completions together")
+    sc.add_argument("--out", required=True, help="JSONL to write, as generate writes it (score replaced)")
+    sc.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sc.add_argument("--verifier", help="module:function(record, output) -> bool | float scoring each completion")
+    add_scoring(sc, generate=False)
+    sc.set_defaults(func=commands_generate.cmd_score, n=None)
 
 
 def add_student(sub) -> None:
