@@ -93,9 +93,7 @@ class Pipeline:
         if not done.exists():
             sys.exit(f"experiments/distill.py: step {name} did not write {done}")
         self.times[name] = round(time.monotonic() - t0, 1)
-        tmp = self.times_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.times, indent=1) + "\n")
-        tmp.replace(self.times_file)
+        write_json(self.times_file, self.times)
 
     def train(self, name: str, recipe: str, overrides: list[str]) -> Path:
         """A training run (resumed where a checkpoint is) merged into a transformers directory: merged/NAME."""
@@ -257,9 +255,9 @@ def collect(p: Pipeline, evals: dict[str, Path], greedy: Path, verifier_pick: Pa
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    from tunelab import atomic
+
+    atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def bars(rows: list[dict]) -> str:
@@ -308,9 +306,9 @@ def write_report(path: Path, res: dict) -> None:
     body.append(f"<p>The learned critic on {c['n']} held-out judgements: precision {c['precision']:.1%}, recall "
                 f"{c['recall']:.1%} (of the right candidates), accuracy {c['accuracy']:.1%}.</p>")
     body.append("<p>" + esc(", ".join(f"{k}: {v}" for k, v in res["settings"].items())) + "</p>")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page("The augmented teacher", "\n".join(body)))
-    tmp.replace(path)
+    from tunelab import atomic
+
+    atomic.write_text(path, page("The augmented teacher", "\n".join(body)))
 
 
 def main(argv: list[str] | None = None) -> int:
