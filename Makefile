@@ -31,7 +31,8 @@ demo-long: venv
 
 # The augmented teacher's students against their teacher (docs/guides/distillation.md): every step's output in
 # runs/distill/, a step already done is skipped (run it again after an interruption); the teacher is the main job's
-# run (runs/reverse_names, trained first if missing). Options: $(PY) experiments/distill.py --help
+# run as it was until 2026-12-05 (recipes/reverse_names_bpe.yaml: runs/reverse_names_bpe, trained first if
+# missing). Options: $(PY) experiments/distill.py --help
 demo-distill: venv
 	$(PY) experiments/distill.py
 

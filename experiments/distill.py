@@ -6,10 +6,11 @@ resumes from its last checkpoint). At the end: ``runs/distill/results.json`` (on
 exact_match on the teacher recipe's held-out names, n, ...) and ``runs/distill/report.html`` (the table, a plot).
 
 The setting: the student has prompts (names from the teacher recipe's training split), a teacher (the main job's
-run) and a way to judge a candidate answer — a verifier (a program), or a learned critic (a classification run
-trained on the teacher's own samples, labelled by the verifier, on other names). Students start from the
-teacher's weights (the self-improvement form of the claim) and fine-tune (LoRA, the teacher recipe's settings but
-lr 1e-3, the answer learnt one letter a token: --student) on:
+run as it was until 2026-12-05, recipes/reverse_names_bpe.yaml: 73.0%) and a way to judge a candidate answer —
+a verifier (a program), or a learned critic (a classification run trained on the teacher's own samples, labelled
+by the verifier, on other names). Students start from the teacher's weights (the self-improvement form of the
+claim) and fine-tune (LoRA, the teacher recipe's settings but lr 1e-3, the answer learnt one letter a token:
+--student) on:
   student_seq_kd              the teacher's greedy outputs (sequence-level KD)
   student_augmented_verifier  the augmented teacher's answers: its greedy answer, or else the first of up to K
                               samples, that the verifier accepts (rejection sampling from q ∝ p·A)
@@ -42,9 +43,9 @@ NAME_ROWS = {  # what each student trained on, for the table
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/distill", help="where every intermediate file goes")
-    ap.add_argument("--teacher-recipe", default="recipes/reverse_names.yaml",
+    ap.add_argument("--teacher-recipe", default="recipes/reverse_names_bpe.yaml",
                     help="the teacher's recipe: its prompts, template, held-out names and training settings")
-    ap.add_argument("--teacher", default="runs/reverse_names", help="the teacher's run (trained if missing)")
+    ap.add_argument("--teacher", default="runs/reverse_names_bpe", help="the teacher's run (trained if missing)")
     ap.add_argument("--critic-recipe", default="recipes/distill_critic.yaml")
     ap.add_argument("--prompts", type=int, default=6000, help="the students' prompts: the training split's first N")
     ap.add_argument("--critic-prompts", type=int, default=400, help="the critic's training prompts (the next N)")

@@ -161,23 +161,28 @@ def target_config(target: Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool = False) -> TargetEvaluation:
     """Evaluate a run directory's trained model (or a recipe's model) as training's final evaluation does;
     with ``base``, the run's base model too (its adapters disabled, or loaded again)."""
-    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier
+    from .models import load_model, load_tokenizer, load_trained, load_trained_classifier, resolve_device
     from .tasks import build_dataset
+    from .train.precision import autocast, mixed_precision, weights_config, width
 
     is_run = is_run_dir(target)
     tok = load_tokenizer(cfg.model)
     splits, _, labels = build_dataset(cfg, tok)
     split_name, examples = eval_split(cfg, splits)
+    amp_dtype = mixed_precision(cfg, resolve_device(cfg.model.device))  # the precision training evaluated in
+    model_cfg = weights_config(cfg, amp_dtype)
     if not task_of(cfg).by_generation:
         if not is_run:
             raise TunelabError("a classifier's head is trained: evaluate a run directory", str(target))
-        model, tok = load_trained_classifier(target, cfg.model)
+        model, tok = load_trained_classifier(target, model_cfg)
         labels = labels or []  # (a classification task's examples always come with their labels)
         if model.labels != labels:
             raise TunelabError(f"the run's head has {len(model.labels)} classes, the data {len(labels)} "
                                f"({', '.join(labels[:8])})", str(target))
     else:
-        model, tok = load_trained(target, cfg.model) if is_run else load_model(cfg.model)
+        model, tok = load_trained(target, model_cfg) if is_run else load_model(model_cfg)
+    device = next(model.parameters()).device
+    amp = autocast(device, amp_dtype or mixed_precision(cfg, device, width(model)))
     check_probes(cfg, examples, tok)
     warn_budget(cfg, tok, examples, quiet)
     before = None
@@ -189,12 +194,12 @@ def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool =
             raise TunelabError("a classifier's trained head has no base to compare with", "--base")
         if hasattr(model, "disable_adapter"):
             with base_model_view(model):
-                before = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels)
+                before = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
         else:
-            base_model, _ = load_model(cfg.model)
-            before = evaluate_run(base_model, tok, cfg, examples, splits["validation"], quiet, labels)
+            base_model, _ = load_model(model_cfg)
+            before = evaluate_run(base_model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
             del base_model
-    after = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels)
+    after = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
     return TargetEvaluation(target, split_name, after, before)
 
 

@@ -136,8 +136,8 @@ def cases(c: Case) -> dict[str, tuple[object, str]]:
         "config: early stopping without evaluations": (
             lambda: c.train("train.early_stopping_patience=3"), "train.eval_every: early stopping needs periodic"),
         "config: duplicate class names": (lambda: c.classify(labels=["1", "1"]), "classify.labels: has duplicates"),
-        "config: mixed precision without bfloat16": (lambda: c.train("train.precision=mixed"),
-                                                     "train.precision: mixed autocasts to bfloat16"),
+        "config: mixed precision in float16": (lambda: c.train("train.precision=mixed", "model.dtype=float16"),
+                                               "train.precision: mixed keeps float32 weights and autocasts"),
         "config: a start token the tokenizer lacks": (lambda: c.train("model.bos_token=<nope>"),
                                                       "model.bos_token: '<nope>' is not a token"),
         # ---- data files

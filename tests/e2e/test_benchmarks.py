@@ -48,3 +48,29 @@ def test_sft_gpu_script_refuses_without_a_gpu():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft_gpu.py")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+
+
+def test_sft_cpu_script_every_workload_in_both_precisions(tiny_chat_model):
+    """benchmarks/sft_cpu.py on the tiny model: every workload (the names, Alpaca-length records, multi-turn
+    chat) in fp32 and bf16; in fp32 tunelab computes the plain loop's losses (and TRL's, where installed) on
+    each workload, and the JSON line has each workload's figures and the keys it printed before workloads."""
+    skip = [] if importlib.util.find_spec("trl") else ["--skip", "trl"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sft_cpu.py"), "--model", str(tiny_chat_model), "--steps", "2",
+           "--batch", "4", "--examples", "16", "--mean-tokens", "60", *skip]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["workloads"]) == {"names", "alpaca", "chat"}
+    for name, w in out["workloads"].items():
+        assert w["batch"] == 4 and w["steps"] == 2
+        for precision in ("fp32", "bf16"):
+            for key in ("tunelab_tok_s", "plain_tok_s", "speedup_vs_plain", "max_abs_loss_diff"):
+                assert key in w[precision], (name, precision, key)
+        assert w["fp32"]["max_abs_loss_diff"] < 1e-4, name  # the same losses on the same tokens
+        assert w["bf16"]["max_abs_loss_diff"] < 0.1, name  # bfloat16 products: close, not equal
+        assert "tunelab_bf16_vs_fp32" in w
+    assert out["workloads"]["alpaca"]["mean_tokens"] > 2 * out["workloads"]["names"]["mean_tokens"]
+    for key in ("tunelab_tok_s", "plain_tok_s", "speedup_vs_plain", "max_abs_loss_diff"):  # names in fp32
+        assert out[key] == out["workloads"]["names"]["fp32"][key]
+    assert "failed" not in proc.stderr

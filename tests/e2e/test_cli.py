@@ -29,6 +29,10 @@ def test_train_lora_writes_the_run_directory(recipe: Path):
     result = json.loads((run / "eval.json").read_text())
     assert 0.0 <= result["exact_match"] <= 1.0 and result["n"] == 20
     assert "val_loss" in result and "before" in result
+    phases = result["phase_times_s"]  # each phase's seconds, also the log's last time line
+    assert list(phases) == ["load", "eval_before", "train", "save", "eval_after"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= result["total_time_s"] + 0.5
+    assert f"training {phases['train']:.0f} s" in proc.stderr and f"total {result['total_time_s']:.0f} s" in proc.stderr
     assert "before fine-tuning:" in proc.stdout and "after fine-tuning:" in proc.stdout
     assert "(expected: " in proc.stdout
     table = [line for line in proc.stdout.splitlines() if "(expected: " in line]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tunelab as tunelab_cli
 from conftest import write_recipe
 from safetensors.torch import load_file
 
@@ -129,6 +130,28 @@ def test_precision_resolves_by_dtype_and_mode(tmp_path):
         assert mixed_precision(load_config(r, ["train.mode=full"]), cuda) is None  # auto: no bf16 without one
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_mixed_on_a_cpu_with_native_bfloat16_for_a_wide_model(tmp_path, monkeypatch, native):
+    """train.precision=auto on the CPU: mixed for a float32 model at least MIN_WIDTH wide where the CPU multiplies
+    bfloat16 natively (2.2-2.5x float32's products there); pure on a narrow model, on another CPU, or when
+    asked."""
+    from tunelab.train import precision
+
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
+    r = tmp_path / "r.yaml"
+    r.write_text("data: {train: x.txt}\n")
+    cpu, wide = torch.device("cpu"), precision.MIN_WIDTH
+    for mode in ("lora", "full", "head"):
+        cfg = load_config(r, [f"train.mode={mode}"])
+        assert precision.mixed_precision(cfg, cpu, wide) == (torch.bfloat16 if native else None), mode
+        assert precision.mixed_precision(cfg, cpu, wide // 8) is None  # narrow: the casts cost more
+        assert precision.mixed_precision(cfg, cpu) is None  # before loading: the width is not known
+    assert precision.mixed_precision(load_config(r, ["train.precision=pure"]), cpu, wide) is None
+    line = precision.precision_line(load_config(r, []), cpu, torch.bfloat16)
+    assert "train.precision=auto: this CPU multiplies bfloat16 natively" in line
+    assert "auto" not in precision.precision_line(load_config(r, ["train.precision=mixed"]), cpu, torch.bfloat16)
+
+
 def test_resuming_another_runs_checkpoint(tmp_path, tiny_model, names_file):
     """Into a new directory with early stopping on, from a run that had none (no best/ to bring); and over
     a directory holding a third run with output.overwrite=true: nothing of that run is kept (its before.json)."""
@@ -165,3 +188,18 @@ def test_a_resume_with_other_evaluation_settings_scores_the_base_model_again(tmp
     run = tunelab.train(load_config(r, [*base, "train.max_steps=4", "eval.max_examples=4"]), resume=True, quiet=True)
     result = json.loads((run / "eval.json").read_text())
     assert result["before"]["exact_match"] == 0.123 and "eval_key" not in result["before"]
+
+
+def test_tunelab_eval_scores_a_mixed_precision_run_as_training_did(tmp_path, tiny_model, names_file):
+    """A run trained in mixed precision is evaluated by `tunelab eval` in mixed precision too (float32 weights,
+    autocast): the same validation loss as its eval.json, not that of float32 or bfloat16 weights."""
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    tunelab_cli("train", str(r), "train.precision=mixed", "train.max_steps=3", "eval.before=false",
+                f"output.dir={tmp_path / 'run'}")
+    trained = json.loads((tmp_path / "run" / "eval.json").read_text())
+    tunelab_cli("eval", str(tmp_path / "run"), "--out", str(tmp_path / "again.json"))
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["val_loss"] == pytest.approx(trained["val_loss"], abs=1e-6)
+    assert again["exact_match"] == trained["exact_match"]
+    tunelab_cli("eval", str(tmp_path / "run"), "train.precision=pure", "--out", str(tmp_path / "fp32.json"))
+    assert json.loads((tmp_path / "fp32.json").read_text())["val_loss"] != again["val_loss"]  # float32: differs

@@ -63,3 +63,28 @@ def test_exclusion_ignores_case_and_surrounding_spaces():
     assert synthesize(values, 1000, order=2, seed=0, exclude=held) == []
     assert synthesize(["AB", "Ba", "aab", "abb", "bab", "aba"], 50, 2, seed=0, exclude=set()) != []
     assert not {s.casefold() for s in synthesize(["AB", "Ba"] * 3, 50, 2, seed=1)} & {"ab", "ba"}
+
+
+def test_sample_at_a_length_never_ends_early():
+    m = CharNgram(["ab", "ac", "b", "abcab"], order=2)
+    rng = random.Random(0)
+    for n in (1, 3, 6):
+        out = [m.sample(rng, 10, n) for _ in range(300)]
+        assert all(s is None or len(s) == n for s in out) and any(s is not None for s in out)
+    # "c" is always followed by the end or by "a": at a length, the end is left out and "a" is drawn
+    m = CharNgram(["ac", "ca"], order=2)
+    assert {m.sample(rng, 10, 3) for _ in range(50)} <= {"aca", "cac", None}
+
+
+def test_uniform_lengths_give_every_length_its_share():
+    rng = random.Random(0)
+    letters = "aeioulnrsmk"
+    sizes = [3, 4] + [5] * 8 + [6] * 8 + [9]  # long values are rare
+    values = sorted({"".join(rng.choice(letters) for _ in range(rng.choice(sizes))) for _ in range(3000)})
+    out = synthesize(values, 1400, order=3, seed=1, lengths="uniform")
+    got = Counter(len(s) for s in out)
+    assert set(got) == set(range(3, 10)) and all(got[n] == 200 for n in range(4, 10)), got
+    assert not set(out) & set(values) and len(out) == len(set(out))
+    assert out == synthesize(values, 1400, order=3, seed=1, lengths="uniform")
+    observed = Counter(len(s) for s in synthesize(values, 1400, order=3, seed=1))
+    assert observed[9] < got[9] / 2  # the field's own distribution has few long strings

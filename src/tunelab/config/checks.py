@@ -115,8 +115,9 @@ def _task(cfg: Config, need: Need, loc: Located) -> None:
         if cfg.classify.labels is not None:
             need(len(cfg.classify.labels) >= 2, "classify.labels", "needs at least two classes")
             need(len(set(cfg.classify.labels)) == len(cfg.classify.labels), "classify.labels", "has duplicates")
-    need(t.precision != "mixed" or cfg.model.dtype in ("bfloat16", "auto"), "train.precision",
-         f"mixed autocasts to bfloat16: set model.dtype=bfloat16 (it is {cfg.model.dtype})")
+    need(t.precision != "mixed" or cfg.model.dtype != "float16", "train.precision",
+         "mixed keeps float32 weights and autocasts to bfloat16: set model.dtype to float32 or bfloat16 (it is "
+         "float16)")
     need(cfg.model.dtype != "float16" or t.mode == "lora", "model.dtype",
          "float16 training without loss scaling is unstable: use float32 or bfloat16 (or mode=lora)")
     need(d.weight_field is None or cfg.task != "classification", "data.weight_field",

@@ -90,6 +90,9 @@ class SyntheticConfig:
                 "strings"})
     order: int = dataclasses.field(default=4, metadata={
         "help": "n of the character n-gram: each character given the previous order - 1"})
+    lengths: Literal["observed", "uniform"] = dataclasses.field(default="observed", metadata={
+        "help": "the strings' lengths: observed (the field's own distribution) or uniform (an equal share for "
+                "every length from the shortest value's to the longest's: as many long strings as short ones)"})
 
 
 @dataclass

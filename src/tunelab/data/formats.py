@@ -296,7 +296,7 @@ def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, 
             raise TunelabError(f"data.synthetic.field {f!r} must be a string field, got {v!r}", r.where)
         values.append(v)
     exclude = {str(r.fields[f]) for r in held if f in r.fields}
-    made = synthesize(values, cfg.synthetic.count, cfg.synthetic.order, seed, exclude)
+    made = synthesize(values, cfg.synthetic.count, cfg.synthetic.order, seed, exclude, lengths=cfg.synthetic.lengths)
     return [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
 
 

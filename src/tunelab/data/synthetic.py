@@ -41,16 +41,25 @@ class CharNgram:
                 cum.append(total)
             self.table[ctx] = (chars, cum)
 
-    def sample(self, rng: random.Random, max_len: int) -> str | None:
-        """One string, or None when it runs past max_len characters."""
+    def sample(self, rng: random.Random, max_len: int, length: int | None = None) -> str | None:
+        """One string, or None when it runs past max_len characters. ``length``: a string of exactly that
+        many characters, drawn from the model conditioned on not ending before (each draw before the last
+        leaves the end out; the string ends after its last character), or None when a context has no other
+        continuation."""
         ctx = BOS * self.context
         out: list[str] = []
         while True:
             chars, cum = self.table[ctx]
+            if length is not None and chars[0] == EOS:  # (EOS sorts first: leave it out)
+                if len(chars) == 1:
+                    return None
+                chars, cum = chars[1:], [c - cum[0] for c in cum[1:]]
             ch = chars[bisect.bisect_right(cum, rng.random() * cum[-1])]
             if ch == EOS:
                 return "".join(out)
             out.append(ch)
+            if length is not None and len(out) == length:
+                return "".join(out)
             if len(out) > max_len:
                 return None
             if self.context:
@@ -63,27 +72,35 @@ def same_value(s: str) -> str:
 
 
 def synthesize(values: list[str], count: int, order: int, seed: int, exclude: AbstractSet[str] = frozenset(),
-               tries_per_value: int = 20) -> list[str]:
+               tries_per_value: int = 20, lengths: str = "observed") -> list[str]:
     """Up to ``count`` distinct strings from a CharNgram of ``values``, none in ``values`` or ``exclude``
     (compared up to case and surrounding spaces, ``same_value``), with the length distribution of
     ``values`` (each length gets its share of ``count``; a length whose novel strings run out, such as
-    the shortest names, gets fewer). Deterministic for a seed; the order
-    is shuffled."""
+    the shortest names, gets fewer), or with ``lengths="uniform"`` an equal share for every length from the
+    shortest value's to the longest's (each string drawn at its length: long ones as often as short ones).
+    Deterministic for a seed; the order is shuffled."""
     values = [v for v in values if v]
     if not values or count <= 0:
         return []
     model = CharNgram(values, order)
-    lengths = Counter(len(v) for v in values)
-    quota = proportional_counts(count, dict(sorted(lengths.items())))  # ties: the shorter length
+    seen = Counter(len(v) for v in values)
+    if lengths == "uniform":
+        seen = Counter({n: 1 for n in range(min(seen), max(seen) + 1)})
+    quota = proportional_counts(count, dict(sorted(seen.items())))  # ties: the shorter length
     taken = {same_value(v) for v in [*values, *exclude]}
     rng = random.Random(seed)
     by_len: dict[int, list[str]] = defaultdict(list)
     missing = sum(quota.values())
-    max_len = max(lengths)
+    max_len = max(seen)
+    open_lengths = [n for n in sorted(quota) if quota[n]]
     for _ in range(tries_per_value * count):
         if missing == 0:
             break
-        s = model.sample(rng, max_len)
+        target = None
+        if lengths == "uniform":  # draw at a length that still needs strings
+            open_lengths = [n for n in open_lengths if len(by_len[n]) < quota[n]]
+            target = rng.choice(open_lengths)
+        s = model.sample(rng, max_len, target)
         if s is None or same_value(s) in taken or len(by_len[len(s)]) >= quota.get(len(s), 0):
             continue
         taken.add(same_value(s))

@@ -10,7 +10,6 @@ clips, steps AdamW and the schedule, logs to ``metrics.jsonl``, and checkpoints 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from ..evaluation import (
     print_before_after,
     warn_budget,
 )
-from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+from ..models import load_model, load_tokenizer, resolve_device, resolve_model_path
 from ..saved_files import write_use_files
 from ..tasks import build_dataset, objective, output_name, task_of, trainable_model
 from ..tasks.chat import chat_lines
@@ -47,6 +46,7 @@ from . import parallel, rundir, saving
 from .forward import compile_layers, eager
 from .kd import distillation_loss
 from .objectives import EarlyStopping, lr_factor
+from .precision import autocast, frozen_linears_to, mixed_precision, precision_line, weights_config, width
 from .run import Run
 from .state import Interrupted, StopRequest, TrainState, term_as_interrupt
 from .stream import Position, grouped_steps, micro_batches, total_steps
@@ -111,18 +111,21 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     check_probes(cfg, eval_ex, tok)
     tracker_names = tracking.check(cfg.output.report_to)
     amp_dtype = mixed_precision(cfg, resolve_device(cfg.model.device))
-    weights_cfg = dataclasses.replace(cfg.model, dtype="float32") if amp_dtype else cfg.model
+    weights_cfg = weights_config(cfg, amp_dtype)
     lm, tok = load_model(weights_cfg, model_path, tok)
     device = next(lm.parameters()).device
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    amp_dtype = amp_dtype or mixed_precision(cfg, device, width(lm))  # auto, on a CPU with native bfloat16
+    amp = autocast(device, amp_dtype)
     if amp_dtype:
-        say(f"mixed precision: float32 weights and optimizer, the forward pass in {amp_dtype}", quiet)
+        say(precision_line(cfg, device, amp_dtype), quiet)
     say(f"data: {len(splits['train'])} train, {len(splits['validation'])} validation, {len(splits['test'])} test "
         f"examples ({data_stats['train']['supervised_tokens']} supervised of {data_stats['train']['tokens']} "
         f"training tokens)", quiet)
     warn_budget(cfg, tok, eval_ex, quiet)
     _describe_data(data_stats, quiet)
     model = _trainable(cfg, lm, labels, d, quiet)
+    if amp_dtype and cfg.train.parallel == "ddp":  # frozen linear layers stored as autocast would cast them
+        frozen_linears_to(model, amp_dtype)
     del lm
     n_trainable, n_total = count_parameters(model)
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%), "
@@ -131,11 +134,13 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     if cfg.kd.teacher is not None:  # distillation: the teacher (or its cache) is loaded before anything is written
         loss_fn = distillation_loss(cfg, model, tok, splits["train"], device, quiet)
     scored_on = before_key(cfg, split_name, eval_ex)
+    phases = {"load": time.time() - t_start}  # seconds of each phase: eval.json's phase_times_s
     before = kept_before(run_dir / "before.json", scored_on, quiet) if own else None
     if before is None and cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
             before = evaluate_run(model, tok, cfg, eval_ex, splits["validation"], quiet, labels, amp)
+        phases["eval_before"] = time.time() - t_start - phases["load"]
     fsdp, root = parallel.wrap(cfg, model, loss_fn, d, quiet)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
@@ -148,7 +153,7 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
                val_ex=splits["validation"], eval_ex=eval_ex, split_name=split_name, labels=labels,
                data_stats=data_stats, loss_fn=loss_fn, count=count, opt=opt, params=params, steps=steps,
                n_trainable=n_trainable, n_total=n_total, tracker_names=tracker_names, before=before,
-               before_key=scored_on, fsdp=fsdp, root=root, t_start=t_start)
+               before_key=scored_on, fsdp=fsdp, root=root, t_start=t_start, phases=phases)
 
 
 def _check_setup(cfg: Config, d: dist.Dist) -> None:
@@ -158,24 +163,14 @@ def _check_setup(cfg: Config, d: dist.Dist) -> None:
     task_of(cfg).check(cfg)
 
 
-def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The dtype the forward pass is autocast to when the weights are kept in float32 (train.precision), or
-    None (pure: everything in model.dtype)."""
-    compute = resolve_dtype(cfg.model.dtype, device)
-    if cfg.train.precision == "mixed":
-        return torch.bfloat16
-    if cfg.train.precision == "auto" and compute == torch.bfloat16 and cfg.train.mode == "full":
-        return torch.bfloat16
-    return None
-
-
 def _describe_data(stats: dict, quiet: bool) -> None:
     """What the data statistics add: synthetic records, the mixture's table, the chat template's shapes, the SNI
     tasks."""
     if "synthetic" in stats:
         sy = stats["synthetic"]
         say(f"data.synthetic: {sy['records']} of the training examples are {sy['field']} values sampled from a "
-            f"character {sy['order']}-gram model of the real ones (none is a real or held-out value)", quiet)
+            f"character {sy['order']}-gram model of the real ones (none is a real or held-out value"
+            f"{'; every length equally often' if sy.get('lengths') == 'uniform' else ''})", quiet)
     if "mixture" in stats:
         from ..data.instruct import mixture_table
 
@@ -276,7 +271,7 @@ def fit(run: Run, state: TrainState) -> None:
                                   f"{state.step} of {run.steps}; a checkpoint was written: continue with --resume",
                                   str(run.dir))
     bar.close()
-    run.train_time = time.time() - t_loop
+    run.train_time = run.phases["train"] = time.time() - t_loop
 
 
 def _micro_batches(run: Run, batches: list[tuple[Position, list[int]]]) -> tuple[list[dict], float, int]:
@@ -417,6 +412,7 @@ def finish(run: Run, state: TrainState) -> Path:
     if not d.main:  # rank 0 saves and evaluates; the others wait for it, then all leave the group together
         d.barrier()  # (a process leaving gloo while another still holds its connections can abort at exit)
         return run.dir
+    t0 = time.time()
     saving.restore_best(run, state)
     if cfg.output.save_model:
         def write(p: Path) -> None:  # the weights and tokenizer, then what other tools need to use them as trained
@@ -424,8 +420,10 @@ def finish(run: Run, state: TrainState) -> Path:
             write_use_files(p, cfg, run.model, run.tok)
 
         atomic.write_dir(run.dir / output_name(cfg), write)
+    run.phases["save"], t0 = time.time() - t0, time.time()
     say(f"evaluating the fine-tuned model on {len(run.eval_ex)} {run.split_name} examples ...", run.quiet)
     after = evaluate_run(run.model, run.tok, cfg, run.eval_ex, run.val_ex, run.quiet, run.labels, run.amp)
+    run.phases["eval_after"] = time.time() - t0
     result = saving.result(run, state, after)
     if "samples" in after:
         atomic.write_text(run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in after["samples"]))
@@ -436,6 +434,7 @@ def finish(run: Run, state: TrainState) -> Path:
         run.trackers.close()
     from ..report import write_report
 
+    say(f"time: {saving.phase_line(result)}", run.quiet)
     say(f"report: {write_report(run.dir)}", run.quiet)
     say(f"run directory: {run.dir}", run.quiet)
     d.barrier()

@@ -54,4 +54,5 @@ class Run:
     content: str = ""
     lock: ownership.RunLock | None = None
     train_time: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: load, eval_before, train, save, eval_after
     trackers: Trackers | None = field(default=None, repr=False)

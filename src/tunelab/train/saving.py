@@ -96,6 +96,7 @@ def result(run: Run, state: TrainState, after: dict) -> dict[str, Any]:
     result.update({"split": run.split_name, "steps": run.steps, "train_time_s": round(run.train_time, 1),
                    "total_time_s": round(time.time() - run.t_start, 1), "trainable_parameters": run.n_trainable,
                    "total_parameters": run.n_total, "skipped_steps": state.skipped, "peak_rss_mb": peak_rss_mb()})
+    result["phase_times_s"] = {k: round(v, 1) for k, v in run.phases.items()}
     stopper = state.stopper
     if stopper is not None:
         result.update(best_step=stopper.best_step, best_value=stopper.best, best_metric=run.cfg.train.best_metric,
@@ -105,6 +106,17 @@ def result(run: Run, state: TrainState, after: dict) -> dict[str, Any]:
     if run.before is not None:
         result["before"] = without_samples(run.before)
     return result
+
+
+PHASES = {"load": "loading", "eval_before": "evaluation before", "train": "training", "save": "saving",
+          "eval_after": "evaluation after"}
+
+
+def phase_line(result: dict[str, Any]) -> str:
+    """eval.json's times as the log's last line: each phase of this process's run, and the total."""
+    times = result.get("phase_times_s", {})
+    parts = [f"{PHASES.get(k, k)} {v:.0f} s" for k, v in times.items()]
+    return ", ".join(parts + [f"total {result['total_time_s']:.0f} s"])
 
 
 def restore_best(run: Run, state: TrainState) -> None:
