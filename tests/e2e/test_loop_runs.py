@@ -203,3 +203,16 @@ def test_tunelab_eval_scores_a_mixed_precision_run_as_training_did(tmp_path, tin
     assert again["exact_match"] == trained["exact_match"]
     tunelab_cli("eval", str(tmp_path / "run"), "train.precision=pure", "--out", str(tmp_path / "fp32.json"))
     assert json.loads((tmp_path / "fp32.json").read_text())["val_loss"] != again["val_loss"]  # float32: differs
+
+
+def test_a_mixed_precision_head_run_saves_its_frozen_body_unrounded(tmp_path, tiny_model, names_file):
+    """Mixed precision stores frozen linear weights in bfloat16 only under LoRA (the adapter alone is saved): a
+    head run saves its whole model, whose frozen layers must stay the base's float32 weights, bit for bit."""
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    cfg = load_config(r, ["train.mode=head", "train.precision=mixed", "train.max_steps=2", "eval.before=false",
+                          "eval.generate=false"])
+    run = tunelab.train(cfg, quiet=True)
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert saved[name].dtype == torch.float32 and torch.equal(saved[name], base[name])

@@ -124,8 +124,8 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     warn_budget(cfg, tok, eval_ex, quiet)
     _describe_data(data_stats, quiet)
     model = _trainable(cfg, lm, labels, d, quiet)
-    if amp_dtype and cfg.train.parallel == "ddp":  # frozen linear layers stored as autocast would cast them
-        frozen_linears_to(model, amp_dtype)
+    if amp_dtype and cfg.train.mode == "lora" and cfg.train.parallel == "ddp":  # (only the adapter is saved)
+        frozen_linears_to(model, amp_dtype)  # the frozen linear layers stored as autocast casts them
     del lm
     n_trainable, n_total = count_parameters(model)
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%), "

@@ -79,7 +79,7 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Callable[[]
 def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weights and biases of linear layers in ``dtype``: the dtype autocast casts them to for
     every product anyway, so the products are the same, without the cast at every forward pass (mixed
-    precision when the base model is frozen: LoRA, head). A tensor shared with another kind of module (a head
+    precision with LoRA, whose frozen base is never saved). A tensor shared with another kind of module (a head
     tied to the input embeddings) is left as it is. Returns the number of layers changed."""
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     n = 0
