@@ -7,6 +7,7 @@ repeat) is skipped. The letters and clusters are uniform, not learnt from the na
 name-like than ``data.synthetic``'s (a character n-gram model of the names).
 
     python experiments/invented_names.py                       # writes data/invented_names.txt (500 strings)
+    python experiments/invented_names.py --style simple        # data/invented_names_simple.txt
     tunelab eval runs/reverse_names data.test.path=data/invented_names.txt data.test.text_field=name \
         --out runs/reverse_names/invented.json
 """
@@ -26,19 +27,27 @@ CODAS = list("bdgklmnprstxz") + ["ck", "ld", "lt", "mp", "nd", "ng", "nk", "rd",
 
 
 def syllable(rng: random.Random) -> str:
+    """An onset of one or two consonants (or none), a vowel or two, a coda of up to two consonants (or none)."""
     onset = rng.choice(CLUSTERS) if rng.random() < 0.2 else rng.choice(CONSONANTS) if rng.random() < 0.85 else ""
     nucleus = rng.choice(VOWELS) + (rng.choice(VOWELS) if rng.random() < 0.15 else "")
     coda = rng.choice(CODAS) if rng.random() < 0.35 else ""
     return onset + nucleus + coda
 
 
-def invented(n: int, seed: int, exclude: set[str]) -> list[str]:
-    """``n`` distinct invented strings of 3-12 letters, none in ``exclude``."""
+def simple_syllable(rng: random.Random) -> str:
+    """A consonant, a vowel and sometimes one more consonant: zyn-wa-kur-gi, de-hys-gy."""
+    return rng.choice(CONSONANTS) + rng.choice(VOWELS) + (rng.choice(CONSONANTS) if rng.random() < 0.4 else "")
+
+
+def invented(n: int, seed: int, exclude: set[str], style: str = "clusters") -> list[str]:
+    """``n`` distinct invented strings of 3-12 letters, none in ``exclude``; ``style`` clusters (consonant
+    clusters, double vowels, two-letter codas) or simple (consonant-vowel syllables, sometimes closed)."""
     rng = random.Random(seed)
+    make = simple_syllable if style == "simple" else syllable
     out: list[str] = []
     seen = set(exclude)
     while len(out) < n:
-        s = "".join(syllable(rng) for _ in range(rng.choice([1, 2, 2, 3, 3, 3, 4])))
+        s = "".join(make(rng) for _ in range(rng.choice([1, 2, 2, 3, 3, 3, 4])))
         if 3 <= len(s) <= 12 and s not in seen:
             seen.add(s)
             out.append(s)
@@ -50,11 +59,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=11711)
     p.add_argument("--names", type=Path, default=ROOT / "data" / "names.txt")
-    p.add_argument("--out", type=Path, default=ROOT / "data" / "invented_names.txt")
+    p.add_argument("--style", choices=["clusters", "simple"], default="clusters")
+    p.add_argument("--out", type=Path, help="default: data/invented_names.txt (clusters), "
+                   "data/invented_names_simple.txt (simple)")
     a = p.parse_args()
+    out = a.out or ROOT / "data" / ("invented_names.txt" if a.style == "clusters" else "invented_names_simple.txt")
     names = {x.strip().lower() for x in a.names.read_text().splitlines() if x.strip()}
-    a.out.write_text("\n".join(invented(a.n, a.seed, names)) + "\n")
-    print(f"{a.n} invented strings -> {a.out}")
+    out.write_text("\n".join(invented(a.n, a.seed, names, a.style)) + "\n")
+    print(f"{a.n} invented strings ({a.style}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -215,8 +215,9 @@ class TrainConfig:
         "help": "tokens of a packed row (train.packing; each example attends only to itself: position_ids "
                 "restart, a block mask)"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile each decoder layer for training steps (opt-in: measured slower on CPU; for GPUs); "
-                "evaluation and generation run eager"})
+        "help": "torch.compile each decoder layer for training steps (opt-in: pays on a GPU, and on a CPU in mixed "
+                "precision over a few hundred steps; slower in float32 on a CPU); evaluation and generation run "
+                "eager"})
     compile_backend: str = field(default="inductor", metadata={
         "help": "torch.compile backend (aot_eager: compiles without code generation)"})
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={
