@@ -163,7 +163,7 @@ def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool =
     with ``base``, the run's base model too (its adapters disabled, or loaded again)."""
     from .models import load_model, load_tokenizer, load_trained, load_trained_classifier, resolve_device
     from .tasks import build_dataset
-    from .train.precision import autocast, mixed_precision, weights_config, width
+    from .train.precision import loaded_precision, mixed_precision, weights_config
 
     is_run = is_run_dir(target)
     tok = load_tokenizer(cfg.model)
@@ -181,8 +181,7 @@ def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool =
                                f"({', '.join(labels[:8])})", str(target))
     else:
         model, tok = load_trained(target, model_cfg) if is_run else load_model(model_cfg)
-    device = next(model.parameters()).device
-    amp = autocast(device, amp_dtype or mixed_precision(cfg, device, width(model)))
+    _, amp = loaded_precision(cfg, amp_dtype, model)
     check_probes(cfg, examples, tok)
     warn_budget(cfg, tok, examples, quiet)
     before = None

@@ -46,7 +46,7 @@ from . import parallel, rundir, saving
 from .forward import compile_layers, eager
 from .kd import distillation_loss
 from .objectives import EarlyStopping, lr_factor
-from .precision import autocast, frozen_linears_to, mixed_precision, precision_line, weights_config, width
+from .precision import frozen_linears_to, loaded_precision, mixed_precision, precision_line, weights_config
 from .run import Run
 from .state import Interrupted, StopRequest, TrainState, term_as_interrupt
 from .stream import Position, grouped_steps, micro_batches, total_steps
@@ -114,8 +114,7 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     weights_cfg = weights_config(cfg, amp_dtype)
     lm, tok = load_model(weights_cfg, model_path, tok)
     device = next(lm.parameters()).device
-    amp_dtype = amp_dtype or mixed_precision(cfg, device, width(lm))  # auto, on a CPU with native bfloat16
-    amp = autocast(device, amp_dtype)
+    amp_dtype, amp = loaded_precision(cfg, amp_dtype, lm)  # auto, on a CPU with native bfloat16: now decided
     if amp_dtype:
         say(precision_line(cfg, device, amp_dtype), quiet)
     say(f"data: {len(splits['train'])} train, {len(splits['validation'])} validation, {len(splits['test'])} test "

@@ -76,6 +76,15 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Callable[[]
     return lambda: torch.autocast(device.type, dtype=amp_dtype)
 
 
+def loaded_precision(cfg: Config, amp_dtype: torch.dtype | None, model: nn.Module
+                     ) -> tuple[torch.dtype | None, Callable[[], Any]]:
+    """Once the model is loaded (with ``weights_config``): the autocast dtype, now that its width decides the CPU
+    case of auto, and the context factory for its forward passes. Training and ``tunelab eval`` both use it."""
+    device = next(model.parameters()).device
+    amp_dtype = amp_dtype or mixed_precision(cfg, device, width(model))
+    return amp_dtype, autocast(device, amp_dtype)
+
+
 def frozen_linears_to(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weights and biases of linear layers in ``dtype``: the dtype autocast casts them to for
     every product anyway, so the products are the same, without the cast at every forward pass (mixed
