@@ -216,3 +216,34 @@ def test_a_mixed_precision_head_run_saves_its_frozen_body_unrounded(tmp_path, ti
     base = load_file(str(tiny_model / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
     assert saved[name].dtype == torch.float32 and torch.equal(saved[name], base[name])
+
+
+def test_compile_without_a_compiler_warns_and_trains_the_same_steps_eagerly(tmp_path, tiny_model, names_file,
+                                                                               monkeypatch, caplog):
+    """train.compile on a machine where inductor cannot generate code (no C++ compiler: a bare laptop) is not
+    a crash at the first step: the log says so and the run trains eagerly, with the eager run's losses."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, names_file)
+    common = ["train.max_steps=2", "eval.before=false", "eval.generate=false"]
+    ref = _metrics(tunelab.train(load_config(r, [*common, "output.dir=" + str(tmp_path / "eager")]), quiet=True))
+
+    def no_compiler():
+        raise RuntimeError("no g++")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with caplog.at_level("WARNING", logger="tunelab"):
+        run = tunelab.train(load_config(r, [*common, "train.compile=true", "output.dir=" + str(tmp_path / "c")]),
+                            quiet=True)
+    assert "inductor found no C++ compiler for the CPU (RuntimeError); training without compiling" in caplog.text
+    assert [row["loss"] for row in _metrics(run)] == [row["loss"] for row in ref]
+
+
+def test_compile_unavailable_names_what_is_missing():
+    from tunelab.train.forward import compile_unavailable
+
+    assert compile_unavailable("aot_eager", torch.device("cpu")) is None
+    assert compile_unavailable("inductor", torch.device("cpu")) is None  # this machine (and CI) have g++
+    meta = compile_unavailable("inductor", torch.device("meta"))
+    from torch.utils._triton import has_triton
+    assert (meta is None) == has_triton()

@@ -43,7 +43,7 @@ from ..tasks import build_dataset, objective, output_name, task_of, trainable_mo
 from ..tasks.chat import chat_lines
 from ..tracking import Trackers
 from . import parallel, rundir, saving
-from .forward import compile_layers, eager
+from .forward import compile_layers, compile_unavailable, eager
 from .kd import distillation_loss
 from .objectives import EarlyStopping, lr_factor
 from .precision import frozen_linears_to, loaded_precision, mixed_precision, precision_line, weights_config
@@ -189,8 +189,12 @@ def _trainable(cfg: Config, lm: PreTrainedModel, labels: list[str] | None, d: di
     if cfg.train.compile:
         if d.on:
             log.warning("train.compile under several processes (DDP/FSDP) is not tested yet")
-        n = compile_layers(model, cfg.train.compile_backend)
-        say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
+        why = compile_unavailable(cfg.train.compile_backend, next(model.parameters()).device)
+        if why:
+            log.warning("train.compile: %s; training without compiling (the same steps, slower)", why)
+        else:
+            n = compile_layers(model, cfg.train.compile_backend)
+            say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
     return model
 
 
