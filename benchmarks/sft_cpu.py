@@ -3,7 +3,8 @@ brings, in float32 and in bfloat16 mixed precision, in one run.
 
 Workloads (``--workloads``, all three by default):
 
-- ``names``: the main job's examples (recipes/reverse_names.yaml): short rows that share a prompt prefix, where
+- ``names``: the main job's examples as they were measured until 2026-12-05 (recipes/reverse_names_bpe.yaml: the
+  answers in the tokenizer's usual tokens, real names only): short rows that share a prompt prefix, where
   tunelab's shared-prefix path applies;
 - ``alpaca``: instruction records of Alpaca-like lengths (a few hundred tokens), worded in many ways so that no
   prompt prefix is shared (benchmarks/workloads.py builds them from names.txt);
@@ -71,7 +72,7 @@ def steady(xs: list[float]) -> float:
 def recipe(workload: str, data_dir: Path, args) -> Path:
     """The tunelab recipe of a workload (the names: the main job's own)."""
     if workload == "names":
-        return ROOT / "recipes" / "reverse_names.yaml"
+        return ROOT / "recipes" / "reverse_names_bpe.yaml"
     import workloads
 
     path = data_dir / f"{workload}.yaml"

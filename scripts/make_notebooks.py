@@ -99,10 +99,11 @@ NOTEBOOKS = {
         '    print(repr(p["input"]), "->", repr(p["output"]))',
     ],
     "05_distillation": [
-        "# Knowledge distillation\n\nA teacher fine-tuned on the task; a student with fewer layers learns from "
+        "# Knowledge distillation\n\nA teacher fine-tuned on the task (`reverse_names_bpe`: its answers in the "
+        "tokenizer's usual tokens, as the student's); a student with fewer layers learns from "
         "the teacher's token distributions (token-level KD) as well as the gold answers.",
         SETUP,
-        'teacher = tunelab.train(recipe("reverse_names", run="nb_teacher"), quiet=True)\n'
+        'teacher = tunelab.train(recipe("reverse_names_bpe", run="nb_teacher"), quiet=True)\n'
         'print("teacher:", f"{tunelab.results(teacher)[\'exact_match\']:.1%}")',
         'student_dir = tunelab.student(teacher, RUNS / "nb_student", keep_every=3)\n'
         'kd = tunelab.train(recipe("distill_names", f"model={student_dir}", f"kd.teacher={teacher}",\n'
