@@ -52,7 +52,7 @@ def prompts_from_recipe(cfg, tok, split: str, limit: int | None) -> list[PromptI
 
     task = task_of(cfg)
     if isinstance(task, GenerationTask):  # plain, instruction-tuning (a mixture's examples) and SNI recipes alike
-        pairs = task.pairs(cfg, tok)[0][split]
+        pairs = task.pairs(cfg)[0][split]
         return [PromptItem(p.record, p.prompt, p.where) for p in pairs[:limit]]
     if task is not CHAT:
         raise TunelabError("generate needs a generation or chat recipe", "task")

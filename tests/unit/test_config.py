@@ -240,8 +240,6 @@ def test_cross_field_checks(tmp_path, override, key):
     (["data.synthetic.count=5"], r"data\.synthetic\.field: name the record field"),
     (["data.synthetic.count=-1"], r"data\.synthetic\.count: must be non-negative"),
     (["data.synthetic.order=0"], r"data\.synthetic\.order: must be at least 1"),
-    (["data.synthetic.vocabulary=-1"], r"data\.synthetic\.vocabulary: must be non-negative"),
-    (["data.synthetic.vocabulary=5"], r"data\.synthetic\.field: name the record field"),
     (["data.synthetic.count=5", "data.synthetic.field=name", "data.prompt={name} {q}",
       "data.completion={name|reverse}"],
      r"data\.synthetic\.field: synthetic records have only the field 'name', but the templates use q"),

@@ -641,29 +641,6 @@ def test_synthetic_records_are_fitted_on_train_and_never_held_out(tmp_path):
     assert e.value.where.endswith("x.jsonl:1")
 
 
-def test_vocabulary_records_are_words_of_the_tokenizer_never_real_or_held_out(tmp_path):
-    from tunelab.config import SyntheticConfig
-
-    names = [f"{a}{b}{c}" for a in "bdkm" for b in "aeiou" for c in "lnrst"]  # 100 names of 3 letters
-    p = _jsonl(tmp_path / "n.jsonl", [{"name": n} for n in names])
-    cfg = DataConfig(train=SourceConfig(path=str(p)), validation_size=20,
-                     synthetic=SyntheticConfig(field="name", count=10, order=2, vocabulary=50))
-    held = {r.fields["name"] for r in split_records(cfg, seed=0, vocabulary=[])["validation"]}
-    trained = sorted(set(names) - held)
-    # words of the vocabulary: whole-word tokens (Ġ), one of them a held-out name and one a training name
-    vocab = ["Ġcat", "Ġdog", "Ġowl", "Ġ" + sorted(held)[0], "Ġ" + trained[0], "og", "Ġelephant", "Ġ<s>"]
-    s = split_records(cfg, seed=0, vocabulary=vocab)
-    words = [r for r in s["train"] if r.where.startswith("data.synthetic.vocabulary[")]
-    grams = [r for r in s["train"] if r.where.startswith("data.synthetic[")]
-    assert sorted(r.fields["name"] for r in words) == ["cat", "dog", "owl"]  # elephant: longer than any name
-    assert words[0].where == "data.synthetic.vocabulary[0]" and words[0].fields.keys() == {"name"}
-    assert not {r.fields["name"] for r in grams} & {r.fields["name"] for r in words}  # no value twice
-    assert s["validation"] == split_records(cfg, seed=0, vocabulary=[])["validation"]  # the split is the same
-    with pytest.raises(TunelabError, match="needs the model's tokenizer") as e:
-        split_records(cfg, seed=0)
-    assert e.value.where == "data.synthetic.vocabulary"
-
-
 def test_over_budget_counts_completions_longer_than_max_new_tokens():
     from tunelab.evaluate import over_budget
 

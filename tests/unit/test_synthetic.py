@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tunelab.data.synthetic import BOS, EOS, CharNgram, pick_words, synthesize, vocabulary_words
+from tunelab.data.synthetic import BOS, EOS, CharNgram, synthesize
 
 
 def test_counts_by_hand():
@@ -88,25 +88,3 @@ def test_uniform_lengths_give_every_length_its_share():
     assert out == synthesize(values, 1400, order=3, seed=1, lengths="uniform")
     observed = Counter(len(s) for s in synthesize(values, 1400, order=3, seed=1))
     assert observed[9] < got[9] / 2  # the field's own distribution has few long strings
-
-
-def test_vocabulary_words_are_whole_word_tokens_in_the_values_case_and_lengths():
-    tokens = ["Ġthunder", "Ġthe", "▁emma", "thunder", "Ġa", "Ġcafé", "Ġab1", "Ġx-y", "ĠThunder", "Ġverylongword",
-              "Ġ", "<eos>", "Ġthe"]
-    names = ["ab", "emma", "bob", "charles"]  # lower case, 2 to 7 letters
-    # a word-start marker (Ġ byte-level, ▁ SentencePiece) and ASCII letters only; a piece inside a word
-    # (thunder) is not a word; lengths within the values'; distinct and sorted
-    assert vocabulary_words(tokens, names) == ["emma", "the", "thunder"]
-    # title-case values take the title-case words
-    assert vocabulary_words(tokens, ["Emma", "Bob", "Charles", "ab"]) == ["Thunder"]
-    assert vocabulary_words(tokens, []) == []
-
-
-def test_pick_words_leaves_out_excluded_values_and_is_a_seeded_draw():
-    words = [f"w{c}" for c in "abcdefghij"]
-    a = pick_words(words, 5, seed=1, exclude={" WA ", "wb"})  # up to case and surrounding spaces
-    assert len(a) == 5 and len(set(a)) == 5 and not {"wa", "wb"} & set(a)
-    assert a == pick_words(words, 5, seed=1, exclude={"wa", "wb"})
-    assert a != pick_words(words, 5, seed=2, exclude={"wa", "wb"})
-    assert sorted(pick_words(words, 100, seed=0, exclude={"wa"})) == words[1:]  # fewer when the words run out
-    assert pick_words(words, 0, seed=0, exclude=set()) == []

@@ -127,8 +127,7 @@ def _task(cfg: Config, need: Need, loc: Located) -> None:
     sy = d.synthetic
     need(sy.count >= 0, "data.synthetic.count", "must be non-negative")
     need(sy.order >= 1, "data.synthetic.order", "must be at least 1")
-    need(sy.vocabulary >= 0, "data.synthetic.vocabulary", "must be non-negative")
-    if sy.count or sy.vocabulary:
+    if sy.count:
         need(sy.field is not None, "data.synthetic.field", "name the record field to synthesise (e.g. name)")
         need(cfg.task == "generation" and d.format == "template" and d.formatter is None
              and not cfg.instruct.tasks and cfg.sni.dir is None, "data.synthetic",

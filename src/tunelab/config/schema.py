@@ -79,9 +79,8 @@ class ColumnsConfig:
 
 @dataclass
 class SyntheticConfig:
-    """Extra training records: strings sampled from a character n-gram model of one field's training values,
-    and words of the model's vocabulary (none equal to a real or held-out value), formatted by the recipe's
-    templates like the real ones."""
+    """Extra training records: strings sampled from a character n-gram model of one field's training values
+    (none equal to a real or held-out value), formatted by the recipe's templates like the real ones."""
 
     # `dataclasses.field` below: this class has a field named `field`, which hides the function after it
     field: str | None = dataclasses.field(default=None, metadata={
@@ -91,10 +90,6 @@ class SyntheticConfig:
                 "strings"})
     order: int = dataclasses.field(default=4, metadata={
         "help": "n of the character n-gram: each character given the previous order - 1"})
-    vocabulary: int = dataclasses.field(default=0, metadata={
-        "help": "also this many records whose value is a word the tokenizer holds as one token (letters only, in "
-                "the values' case and range of lengths), none a training or held-out value: values that are one "
-                "token, such as the name thunder, need the token's spelling (0: none)"})
     lengths: Literal["observed", "uniform"] = dataclasses.field(default="observed", metadata={
         "help": "the strings' lengths: observed (the field's own distribution) or uniform (an equal share for "
                 "every length from the shortest value's to the longest's: as many long strings as short ones)"})

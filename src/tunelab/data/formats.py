@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,7 +234,7 @@ def _size(value: float, n: int) -> int:
     return int(value) if value >= 1 else int(round(value * n))
 
 
-def split_records(cfg: DataConfig, seed: int, vocabulary: Iterable[str] | None = None) -> dict[str, list[Record]]:
+def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     """Read the sources and make train/validation/test record lists (seeded split where asked)."""
     assert cfg.train is not None
     train = read_source(cfg.train)
@@ -273,8 +273,8 @@ def split_records(cfg: DataConfig, seed: int, vocabulary: Iterable[str] | None =
                 raise TunelabError("no records", src.path or src.dataset or f"data.{s}")
     if cfg.train_size is not None:
         train = train[: cfg.train_size]
-    if cfg.synthetic.count or cfg.synthetic.vocabulary:
-        train = train + synthetic_records(train, [*splits["validation"], *splits["test"]], cfg, seed, vocabulary)
+    if cfg.synthetic.count:
+        train = train + synthetic_records(train, [*splits["validation"], *splits["test"]], cfg, seed)
     splits["train"] = train
     return splits
 
@@ -282,16 +282,13 @@ def split_records(cfg: DataConfig, seed: int, vocabulary: Iterable[str] | None =
 SYNTHETIC = "data.synthetic"  # where= of a synthetic record: data.synthetic[i]
 
 
-def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, seed: int,
-                      vocabulary: Iterable[str] | None = None) -> list[Record]:
+def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, seed: int) -> list[Record]:
     """data.synthetic: records of one field sampled from a character n-gram model of the training values
-    (after the split, so held-out values never shape it), then words of the tokenizer's ``vocabulary``
-    (data.synthetic.vocabulary), none equal to a training or held-out value or to each other."""
-    from .synthetic import pick_words, synthesize, vocabulary_words
+    (after the split, so held-out values never shape it), none equal to a training or held-out value."""
+    from .synthetic import synthesize
 
-    sy = cfg.synthetic
-    f = sy.field
-    assert f is not None, "the recipe's checks require data.synthetic.field when data.synthetic is used"
+    f = cfg.synthetic.field
+    assert f is not None, "the recipe's checks require data.synthetic.field when data.synthetic.count is set"
     values = []
     for r in train:
         v = r.fields.get(f)
@@ -299,15 +296,8 @@ def synthetic_records(train: list[Record], held: list[Record], cfg: DataConfig, 
             raise TunelabError(f"data.synthetic.field {f!r} must be a string field, got {v!r}", r.where)
         values.append(v)
     exclude = {str(r.fields[f]) for r in held if f in r.fields}
-    made = synthesize(values, sy.count, sy.order, seed, exclude, lengths=sy.lengths)
-    out = [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
-    if sy.vocabulary:
-        if vocabulary is None:
-            raise TunelabError("needs the model's tokenizer (its vocabulary) to read words from",
-                               "data.synthetic.vocabulary")
-        words = pick_words(vocabulary_words(vocabulary, values), sy.vocabulary, seed, {*values, *exclude, *made})
-        out += [Record({f: w}, f"{SYNTHETIC}.vocabulary[{i}]") for i, w in enumerate(words)]
-    return out
+    made = synthesize(values, cfg.synthetic.count, cfg.synthetic.order, seed, exclude, lengths=cfg.synthetic.lengths)
+    return [Record({f: v}, f"{SYNTHETIC}[{i}]") for i, v in enumerate(made)]
 
 
 def marked(tok, ids: list[int], labels: list[int], color: bool = False) -> str:

@@ -6,11 +6,6 @@ a model memorises them (on the reversal task: training loss 0.04 against 0.36 on
 name-like strings at every step make it learn the rule instead. The targets still come from the recipe's
 templates (``{name|reverse}``), so they are exact. The model is fitted on the training split only, after
 the held-out split is taken, and held-out values are never produced.
-
-Words of the model's own vocabulary (``vocabulary_words``) are the other kind: a value that is one token in
-the prompt, such as the name ``thunder``, can only be reversed by a model that knows how that token is
-spelt, and n-gram strings are rarely one token. Trained on reversing other whole-word tokens, it learns to
-spell them.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ from __future__ import annotations
 import bisect
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
 from .mixture import proportional_counts
@@ -115,38 +109,3 @@ def synthesize(values: list[str], count: int, order: int, seed: int, exclude: Ab
     out = [s for n in sorted(by_len) for s in by_len[n]]
     rng.shuffle(out)
     return out
-
-
-WORD_START = ("\u0120", "\u2581")  # Ġ (byte-level BPE: GPT-2, Llama 3, SmolLM, Qwen) and ▁ (SentencePiece)
-
-
-def _shape(s: str) -> str:
-    """lower, title (Emma) or other: the case pattern words are matched to the field's values by."""
-    return "lower" if s.islower() else "title" if s.istitle() else "other"
-
-
-def vocabulary_words(tokens: Iterable[str], values: list[str]) -> list[str]:
-    """The words a tokenizer's vocabulary holds whole, in the case pattern most of ``values`` have (lower or
-    title case): tokens that start a word (a leading Ġ or ▁) followed by ASCII letters only, without the
-    marker, no shorter than the shortest value and no longer than the longest. Distinct and sorted."""
-    values = [v for v in values if v]
-    if not values:
-        return []
-    shape = Counter(_shape(v) for v in values).most_common(1)[0][0]
-    lo, hi = min(map(len, values)), max(map(len, values))
-    out = set()
-    for t in tokens:
-        w = t[1:]
-        if t[:1] in WORD_START and w.isascii() and w.isalpha() and lo <= len(w) <= hi and _shape(w) == shape:
-            out.add(w)
-    return sorted(out)
-
-
-def pick_words(words: list[str], count: int, seed: int, exclude: AbstractSet[str]) -> list[str]:
-    """Up to ``count`` of ``words``, none equal to one of ``exclude`` (up to case and surrounding spaces,
-    ``same_value``); a seeded draw, in a shuffled order."""
-    taken = {same_value(v) for v in exclude}
-    free = [w for w in words if same_value(w) not in taken]
-    rng = random.Random(seed)
-    rng.shuffle(free)
-    return free[:max(count, 0)]

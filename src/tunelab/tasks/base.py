@@ -125,9 +125,5 @@ def check_display(cfg: Config, splits: Splits) -> None:
 def synthetic_stats(cfg: Config, splits: Splits) -> dict[str, Any]:
     """data_stats.json's record of data.synthetic: what was asked and how many training examples it made."""
     sy = cfg.data.synthetic
-    words = sum(e.where.startswith(f"{SYNTHETIC}.vocabulary[") for e in splits["train"])
-    out = {"field": sy.field, "order": sy.order, "asked": sy.count,
-           "records": sum(e.where.startswith(f"{SYNTHETIC}[") for e in splits["train"]), "lengths": sy.lengths}
-    if sy.vocabulary:
-        out.update(vocabulary_asked=sy.vocabulary, vocabulary_records=words)
-    return out
+    return {"field": sy.field, "order": sy.order, "asked": sy.count,
+            "records": sum(e.where.startswith(SYNTHETIC) for e in splits["train"]), "lengths": sy.lengths}

@@ -15,27 +15,19 @@ from .base import SPLITS, Splits, Task, check_display, synthetic_stats
 class GenerationTask(Task):
     name = "generation"
 
-    def pairs(self, cfg: Config, tok=None) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
-        """Prompt/completion pairs of every split, and what data_stats.json says of how they were made (``tok``:
-        the model's tokenizer, loaded here when data.synthetic.vocabulary needs it and none is given)."""
-        vocabulary = None
-        if cfg.data.synthetic.vocabulary:
-            if tok is None:
-                from ..models import load_tokenizer
-
-                tok = load_tokenizer(cfg.model)
-            vocabulary = tok.get_vocab()
-        records = split_records(cfg.data, cfg.train.seed, vocabulary)
+    def pairs(self, cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
+        """Prompt/completion pairs of every split, and what data_stats.json says of how they were made."""
+        records = split_records(cfg.data, cfg.train.seed)
         return {name: to_pairs(records[name], cfg.data) for name in SPLITS}, {}
 
     def examples(self, cfg: Config, tok) -> tuple[Splits, dict[str, Any], None]:
-        pairs, stats = self.pairs(cfg, tok)
+        pairs, stats = self.pairs(cfg)
         splits: Splits = {}
         for name in SPLITS:
             splits[name], st = encode(pairs[name], tok, cfg.data, name)
             stats[name] = st.summary()
         self.describe(stats, splits)
-        if cfg.data.synthetic.count or cfg.data.synthetic.vocabulary:
+        if cfg.data.synthetic.count:
             stats["synthetic"] = synthetic_stats(cfg, splits)
         check_display(cfg, splits)
         return splits, stats, None

@@ -17,7 +17,7 @@ from .generation import GenerationTask
 class InstructTask(GenerationTask):
     name = "instruct"
 
-    def pairs(self, cfg: Config, tok=None) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
+    def pairs(self, cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
         cache: dict[str, dict[str, list[Record]]] = {}
 
         def records_of(tc: TaskConfig) -> dict[str, list[Record]]:

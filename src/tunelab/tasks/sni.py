@@ -15,7 +15,7 @@ from .generation import GenerationTask
 class SNITask(GenerationTask):
     name = "sni"
 
-    def pairs(self, cfg: Config, tok=None) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
+    def pairs(self, cfg: Config) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
         pairs, report = sni_pairs(cfg)
         return pairs, {"sni": report}
 

@@ -167,9 +167,8 @@ def _describe_data(stats: dict, quiet: bool) -> None:
     tasks."""
     if "synthetic" in stats:
         sy = stats["synthetic"]
-        words = f", {sy['vocabulary_records']} words held as one token" if sy.get("vocabulary_asked") else ""
         say(f"data.synthetic: {sy['records']} of the training examples are {sy['field']} values sampled from a "
-            f"character {sy['order']}-gram model of the real ones{words} (none is a real or held-out value"
+            f"character {sy['order']}-gram model of the real ones (none is a real or held-out value"
             f"{'; every length equally often' if sy.get('lengths') == 'uniform' else ''})", quiet)
     if "mixture" in stats:
         from ..data.instruct import mixture_table
@@ -195,7 +194,7 @@ def _trainable(cfg: Config, lm: PreTrainedModel, labels: list[str] | None, d: di
             log.warning("train.compile: %s; training without compiling (the same steps, slower)", why)
         else:
             n = compile_layers(model, cfg.train.compile_backend)
-            say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first step compiles)", quiet)
+            say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
     return model
 
 
