@@ -194,7 +194,7 @@ def _trainable(cfg: Config, lm: PreTrainedModel, labels: list[str] | None, d: di
             log.warning("train.compile: %s; training without compiling (the same steps, slower)", why)
         else:
             n = compile_layers(model, cfg.train.compile_backend)
-            say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first steps compile)", quiet)
+            say(f"torch.compile ({cfg.train.compile_backend}): {n} decoder layers (the first step compiles)", quiet)
     return model
 
 
