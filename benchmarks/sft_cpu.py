@@ -70,7 +70,7 @@ def steady(xs: list[float]) -> float:
 
 
 def recipe(workload: str, data_dir: Path, args) -> Path:
-    """The tunelab recipe of a workload (the names: the main job's own)."""
+    """The tunelab recipe of a workload (the names: recipes/reverse_names_bpe.yaml, as measured)."""
     if workload == "names":
         return ROOT / "recipes" / "reverse_names_bpe.yaml"
     import workloads

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+BASE_RECIPE = ROOT / "recipes" / "reverse_names_bpe.yaml"  # whose examples and overrides were measured
 sys.path.insert(0, str(ROOT / "src"))
 
 from tunelab.config import load_config  # noqa: E402
@@ -133,8 +134,7 @@ def run_tunelab(args, data: Path, lora: bool):
     if lora:
         extra += ["train.mode=lora", "lora.r=16", "lora.alpha=32", "lora.targets=[q_proj,v_proj]"]
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(ROOT / "recipes" / "reverse_names_bpe.yaml",
-                          overrides(args, data) + extra + [f"output.dir={out}"])
+        cfg = load_config(BASE_RECIPE, overrides(args, data) + extra + [f"output.dir={out}"])
         run = tunelab.train(cfg, quiet=True)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows], [r["tokens_per_s"] for r in rows]
@@ -211,7 +211,7 @@ def run_one(args) -> dict:
     transformers.logging.set_verbosity_error()
     data = Path(args.data_file)
     path = resolve_model_path(args.model)
-    cfg = load_config(ROOT / "recipes" / "reverse_names_bpe.yaml", overrides(args, data))
+    cfg = load_config(BASE_RECIPE, overrides(args, data))
     tok = load_tokenizer(cfg.model, path)
     examples = build_dataset(cfg, tok)[0]["train"]
     batches = epoch_batches([len(e.input_ids) for e in examples], args.batch, args.seed, 0, False)[: args.steps]
