@@ -17,8 +17,10 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import TunelabError
@@ -214,6 +216,12 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Make the directory and take its lock. Ctrl-C or SIGTERM waits until the lock is taken (or refused),
+        so an interrupt never leaves a directory and lock file that the caller does not know it made."""
+        with _signals_deferred():
+            return self._acquire()
+
+    def _acquire(self) -> RunLock:
         import fcntl
 
         d = self.directory
@@ -263,6 +271,30 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while active; one that came meanwhile goes to its handler when it ends.
+    (Python-level: a signal mask would not do, as the kernel hands a process's signal to any thread that
+    does not block it, and torch starts threads.)"""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    # (a handler that Python did not install, None here, cannot be put back: that signal is left alone)
+    old = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None}
+    for s in old:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(got):
+            signal.raise_signal(signum)
 
 
 def _read_holder(fd: int) -> str:

@@ -145,3 +145,58 @@ def test_sigterm_before_the_first_step_stops_and_leaves_nothing(tmp_path, tiny_m
     assert "Traceback" not in err
     left = changes(before, snapshot(tmp_path))
     assert left == [] or all(x.startswith("+run") for x in left) and (tmp_path / "run" / "checkpoints").exists(), left
+
+
+def test_sigterm_while_the_run_directory_is_made_leaves_nothing(tmp_path, tiny_model, names_file, capfd, monkeypatch):
+    """The window CI once hit: SIGTERM after the run directory and its lock file exist, before the caller holds
+    the lock. The signal waits until the lock is taken, then the run stops with 130 and leaves nothing."""
+    import threading
+
+    from tunelab import ownership
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+    recipe = _recipe(tmp_path, tiny_model, names_file)
+    before = snapshot(tmp_path)
+    real, sent = os.ftruncate, []
+
+    def ftruncate(fd: int, length: int) -> None:  # the lock file is open: the directory and the file exist
+        if not sent:
+            sent.append(fd)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(fd, length)
+
+    monkeypatch.setattr(ownership.os, "ftruncate", ftruncate)
+    code, err = run_cli(["train", str(recipe)], capfd)
+    assert sent and code == 130, err
+    assert changes(before, snapshot(tmp_path)) == []
+
+
+def test_a_signal_during_acquire_is_handled_after_the_lock_is_taken(tmp_path, monkeypatch):
+    import threading
+
+    from tunelab import ownership
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    real = os.ftruncate
+    monkeypatch.setattr(ownership.os, "ftruncate", lambda fd, n: (os.kill(os.getpid(), signal.SIGINT), real(fd, n)))
+    old = signal.signal(signal.SIGINT, handle)
+    lock = ownership.RunLock(tmp_path / "a" / "run")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        monkeypatch.undo()
+    assert lock.created and lock.made_parents == [tmp_path / "a"] and lock.still_ours()  # known: can be cleaned up
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="another tunelab process"):  # it holds the lock ...
+        ownership.RunLock(tmp_path / "a" / "run").acquire()
+    lock.release()  # ... and lets it go
+    ownership.RunLock(tmp_path / "a" / "run").acquire().release()

@@ -75,9 +75,10 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, recipe: str | 
         with term_as_interrupt():  # SIGTERM outside the step loop (loading, evaluating) stops like Ctrl-C
             run_dir = rundir.run_dir_of(cfg)
             rundir.check_output_dir(cfg, run_dir, recipe)
-            if d.main:
-                lock = ownership.RunLock(run_dir).acquire()
+            lock = ownership.RunLock(run_dir) if d.main else None
             try:
+                if lock is not None:  # (a signal during acquire is handled once it returns: then cleaned up)
+                    lock.acquire()
                 run = setup(cfg, resume, quiet or not d.main, d)
                 run.lock = lock
                 state = begin(run)
