@@ -28,6 +28,27 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """A process that torchrun or accelerate launched leaves at once, its output flushed and the process group
+    already destroyed: the interpreter's own clean-up, with gloo's threads about, sometimes aborts (SIGABRT,
+    "terminate called without an active exception") after a run that finished, and the launcher then
+    reports the run as failed."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`data show R -n 3 k=v`): still overrides
