@@ -46,7 +46,8 @@ TABLE = '''def table(res, n=10):
 NOTEBOOKS = {
     "01_sft_reverse_names": [
         "# Supervised fine-tuning: reversing names\n\nThe lecture's first demo: the pre-trained model cannot "
-        "reverse a name; a few minutes of LoRA fine-tuning with the loss on the answer tokens only teach it.",
+        "reverse a name; about a quarter of an hour of LoRA fine-tuning on 2 CPU cores, with the loss on the answer "
+        "tokens only, teaches it.",
         SETUP,
         "## The examples: the loss is on the target tokens only (inside ⟦ ⟧)",
         'cfg = recipe("reverse_names")\nfor line in tunelab.examples(cfg, n=3):\n    print(line)',
