@@ -44,7 +44,7 @@ browser:
 	  echo "note: chromium could not be installed; the report's browser test will be skipped"
 
 test: venv browser
-	$(PY) -m pytest -q -n auto --durations=20
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=20
 
 # llama.cpp itself, to check exported GGUF files (tests/llamacpp): llama-cpp-python built once from its source
 # distribution (portable x86-64 AVX2 flags, no OpenMP) into a wheel cached outside the clone, then installed

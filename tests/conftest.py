@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ROOT / "data" / "names.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n auto: a worker a core. Each worker, and each tunelab process a test starts (they inherit this),
+    # computes on one thread: tiny models gain nothing from a thread pool, and a pool a core per worker fights
+    # the other workers' pools for the same cores. Read by torch when it starts, so before anything imports it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
