@@ -284,7 +284,7 @@ def test_a_runs_saved_config_keeps_its_counts(tmp_path):
     (2**32, "a seed is a whole number from 0 to 2**32 - 1 (4294967295), got 4294967296"),
     (-1, "a seed is a whole number from 0 to 2**32 - 1"),
 ])
-@pytest.mark.parametrize("key", ["train.seed", "model.init_seed"])
+@pytest.mark.parametrize("key", ["train.seed", "model.init_seed", "data.split_seed"])
 def test_seeds_are_bounded(tmp_path, key, value, match):
     _refused(_recipe(tmp_path, MINIMAL), [f"{key}={value}"], f"{key}: ")
     _refused(_recipe(tmp_path, MINIMAL), [f"{key}={value}"], match)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -498,6 +499,17 @@ def test_split_is_seeded(twenty):
     assert _qs(a["validation"]) != [f"q{i}" for i in range(5)]  # shuffled, not the first five
 
 
+def test_split_seed_fixes_the_held_out_records(twenty):
+    # data.split_seed holds out the same records whatever the run's seed; unset, the run's seed splits
+    fixed = DataConfig(train=SourceConfig(path=str(twenty)), validation_size=5, test_size=3, split_seed=7)
+    a, b = split_records(fixed, seed=0), split_records(fixed, seed=1)
+    assert _qs(a["validation"]) == _qs(b["validation"]) and _qs(a["test"]) == _qs(b["test"])
+    assert _qs(a["train"]) == _qs(b["train"])
+    unset = DataConfig(train=SourceConfig(path=str(twenty)), validation_size=5, test_size=3)
+    assert _qs(split_records(unset, seed=7)["validation"]) == _qs(a["validation"])
+    assert _qs(split_records(unset, seed=0)["validation"]) != _qs(a["validation"])
+
+
 def test_no_split_keeps_file_order_and_train_size(twenty):
     s = split_records(DataConfig(train=SourceConfig(path=str(twenty)), train_size=3), seed=0)
     assert _qs(s["train"]) == ["q0", "q1", "q2"]
@@ -635,6 +647,10 @@ def test_synthetic_records_are_fitted_on_train_and_never_held_out(tmp_path):
     made_names = {r.fields["name"] for r in made}
     assert not made_names & held and not made_names & set(names)  # novel: no real and no held-out value
     assert [r.fields for r in split_records(cfg, seed=0)["train"]] == [r.fields for r in s["train"]]
+    fixed = dataclasses.replace(cfg, split_seed=0)  # the split fixed, the synthetic names follow the run's seed
+    other = split_records(fixed, seed=1)
+    assert [r.fields for r in other["validation"]] == [r.fields for r in s["validation"]]
+    assert {r.fields["name"] for r in other["train"] if r.where.startswith("data.synthetic")} != made_names
     with pytest.raises(TunelabError, match="must be a string field") as e:
         split_records(DataConfig(train=SourceConfig(path=str(_jsonl(tmp_path / "x.jsonl", [{"name": 5}]))),
                                  synthetic=SyntheticConfig(field="name", count=3)), seed=0)

@@ -53,7 +53,7 @@ def _train(cfg: Config, need: Need, loc: Located) -> None:
     for key in SEED_KEYS:
         section, _, leaf = key.partition(".")
         seed = getattr(getattr(cfg, section), leaf)
-        need(0 <= seed < SEED_LIMIT, key,
+        need(seed is None or 0 <= seed < SEED_LIMIT, key,
              f"a seed is a whole number from 0 to 2**32 - 1 ({SEED_LIMIT - 1}), got {seed}")
     need(cfg.output.dir is not None or bool(cfg.name.strip()), "name",
          "empty: the run's directory is runs/<name>: give a name (or output.dir)")

@@ -25,7 +25,7 @@ MAX_YAML_NODES = 100_000  # values in a recipe or an override's value, with alia
 MAX_YAML_DEPTH = 64  # nesting, with aliases expanded (a recipe needs about 6)
 INT_LIMIT = 2**63  # an integer setting reaches torch and the tokenizers as a 64-bit integer
 SEED_LIMIT = 2**32  # seeds: 32 bits, as numpy and most tools take (the data order uses seed * 100_003 + epoch)
-SEED_KEYS = ("train.seed", "model.init_seed")
+SEED_KEYS = ("train.seed", "model.init_seed", "data.split_seed")
 # Keys naming a file, a directory or a model (unindexed; shorthand sections too): an empty string is never
 # meant (`output.dir=$UNSET` would silently write to the default)
 PATH_KEYS = frozenset({"output.dir", "model", "model.name", "sni.dir", "kd.teacher", "kd.cache", "chat.template",

@@ -107,9 +107,12 @@ class DataConfig:
         "help": "a test source (default: held out of train by data.test_size)"})
     validation_size: float = field(default=0, metadata={**_COUNT_OR_FRACTION, "help": (
         "held out of train when there is no validation source: a count (an integer: 500) or a fraction below 1 "
-        "(0.1) of what test_size leaves; seeded by train.seed")})
+        "(0.1) of what test_size leaves; seeded by data.split_seed")})
     test_size: float = field(default=0, metadata={**_COUNT_OR_FRACTION, "help": (
         "held out of train when there is no test source: a count or a fraction below 1")})
+    split_seed: int | None = field(default=None, metadata={
+        "help": "the seed of the records held out by validation_size and test_size (default: train.seed): fixed, "
+                "the same records are held out whatever train.seed is"})
     unique_by: str | None = field(default=None, metadata={
         "help": "drop records whose value of this field was seen before (before splitting), e.g. name"})
     train_size: int | None = field(default=None, metadata={
@@ -186,7 +189,8 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon"})
     dropout: float | None = field(default=None, metadata={
         "help": "overrides the model's dropout probabilities (null: the model's own)"})
-    seed: int = field(default=0, metadata={"help": "one seed for the data split and order, initialisation and dropout"})
+    seed: int = field(default=0, metadata={
+        "help": "one seed for the data split (unless data.split_seed), order, initialisation and dropout"})
     log_every: int = field(default=10, metadata={
         "help": "a log line every N steps when not on a terminal (a progress bar on one)"})
     eval_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: only at the end)"})

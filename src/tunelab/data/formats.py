@@ -235,7 +235,8 @@ def _size(value: float, n: int) -> int:
 
 
 def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
-    """Read the sources and make train/validation/test record lists (seeded split where asked)."""
+    """Read the sources and make train/validation/test record lists (a split seeded by data.split_seed, else
+    ``seed``, where asked; the synthetic records by ``seed``)."""
     assert cfg.train is not None
     train = read_source(cfg.train)
     where = cfg.train.path or cfg.train.dataset or "data.train"
@@ -258,7 +259,7 @@ def split_records(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     need_split = [s for s in ("test", "validation") if getattr(cfg, s) is None and getattr(cfg, f"{s}_size") > 0]
     if need_split:
         train = list(train)
-        random.Random(seed).shuffle(train)
+        random.Random(seed if cfg.split_seed is None else cfg.split_seed).shuffle(train)
         for s in need_split:  # a fraction is of the records left: test first, then validation from the rest
             k = _size(getattr(cfg, f"{s}_size"), len(train))
             if k >= len(train):
