@@ -153,6 +153,17 @@ def test_data_show_marks_supervised_tokens(recipe: Path):
     assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr
 
 
+def test_split_seed_holds_out_the_same_names_whatever_the_seed(recipe: Path):
+    def held_out(*extra):
+        return tunelab("data", "show", str(recipe), "--split", "validation", "-n", "40", *extra).stdout
+
+    assert held_out("train.seed=1", "data.split_seed=0") == held_out()
+    assert held_out("train.seed=1") != held_out()
+    bad = tunelab("data", "show", str(recipe), "--split", "validation", "data.split_seed=1.5", check=False)
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert bad.stderr.strip() == "tunelab: override data.split_seed=1.5: data.split_seed: expected an integer, got 1.5"
+
+
 def test_overrides_work_on_every_recipe(recipe: Path, tmp_path):
     out = tmp_path / "elsewhere"
     tunelab("train", str(recipe), f"output.dir={out}", "train.max_steps=2", "train.seed=3",
