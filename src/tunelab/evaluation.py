@@ -41,15 +41,20 @@ def eval_split(cfg: Config, splits: dict[str, list[Example]]) -> tuple[str, list
 
 
 def evaluate_run(model, tok, cfg: Config, examples: list[Example], val: list[Example], quiet: bool,
-                 labels: list[str] | None = None, amp=contextlib.nullcontext) -> dict:
-    """Validation loss and, on the held-out split, exact match (generation) or accuracy (classification)."""
+                 labels: list[str] | None = None, amp=contextlib.nullcontext, split: str = "validation") -> dict:
+    """Validation loss and, on the held-out split, exact match (generation) or accuracy (classification);
+    when that split is the test split, its loss too (test_loss: val_loss stays the validation split's)."""
     from .train.forward import eager
 
     with eager(), amp():
         out: dict[str, Any] = {}
+        loss_fn = objective(cfg)[0]
         if val:
             out["val_loss"] = validation_loss(model, val, tok.pad_token_id, cfg.eval.batch_size,
-                                              cfg.train.loss_chunk, loss_fn=objective(cfg)[0])
+                                              cfg.train.loss_chunk, loss_fn=loss_fn)
+        if split == "test" and examples:
+            out["test_loss"] = validation_loss(model, examples, tok.pad_token_id, cfg.eval.batch_size,
+                                               cfg.train.loss_chunk, loss_fn=loss_fn)
         out.update(task_of(cfg).score(model, tok, cfg, examples, labels, not quiet and sys.stderr.isatty()))
         out.update(probe_run(model, tok, cfg, examples, quiet))
         return out
@@ -193,12 +198,14 @@ def evaluate_target(target: Path, cfg: Config, base: bool = False, quiet: bool =
             raise TunelabError("a classifier's trained head has no base to compare with", "--base")
         if hasattr(model, "disable_adapter"):
             with base_model_view(model):
-                before = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
+                before = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp,
+                                      split_name)
         else:
             base_model, _ = load_model(model_cfg)
-            before = evaluate_run(base_model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
+            before = evaluate_run(base_model, tok, cfg, examples, splits["validation"], quiet, labels, amp,
+                                  split_name)
             del base_model
-    after = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp)
+    after = evaluate_run(model, tok, cfg, examples, splits["validation"], quiet, labels, amp, split_name)
     return TargetEvaluation(target, split_name, after, before)
 
 

@@ -216,7 +216,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     ev, before = r["eval"] or {}, r["before"] or (r["eval"] or {}).get("before") or {}
     rows = []
     for k in ("exact_match", "held_out_exact_match", "seen_exact_match", "accuracy", "macro_f1", "rouge_l",
-              "val_loss"):
+              "val_loss", "test_loss"):
         if k in ev:
             rows.append((k, before.get(k), ev[k]))
     toks = [m["tokens_per_s"] for m in r["metrics"] if "tokens_per_s" in m]

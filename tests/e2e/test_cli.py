@@ -101,6 +101,17 @@ def test_eval_merge_and_plain_peft_loading(tmp_path, tiny_model, names_file):
     assert metrics["exact_match"] == saved["exact_match"]
     assert abs(metrics["val_loss"] - saved["val_loss"]) < 1e-5
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 20
+    assert "test_loss" not in metrics  # scored on the validation split: its loss is val_loss
+    # another file scored as the test split: its own loss beside the validation split's
+    scored = {}
+    for name, words in (("a", ["zynwakurgi", "dehysgy", "brotam"]), ("b", ["ab", "cd", "ef", "gh"])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(words) + "\n")
+        proc = tunelab("eval", str(run), f"data.test.path={tmp_path / name}.txt", "data.test.text_field=name")
+        scored[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scored["a"]["split"] == "test" and scored["a"]["n"] == 3 and scored["b"]["n"] == 4
+    assert scored["a"]["val_loss"] == scored["b"]["val_loss"] == metrics["val_loss"]
+    assert scored["a"]["test_loss"] != scored["b"]["test_loss"]
+    assert all(s["test_loss"] != s["val_loss"] for s in scored.values())
 
     out = tmp_path / "merged"
     tunelab("merge", str(run), str(out))

@@ -139,7 +139,7 @@ def setup(cfg: Config, resume: bool, quiet: bool, d: dist.Dist) -> Run:
     if before is None and cfg.eval.before and d.main:
         say(f"evaluating the base model on {len(eval_ex)} {split_name} examples ...", quiet)
         with base_model_view(model):
-            before = evaluate_run(model, tok, cfg, eval_ex, splits["validation"], quiet, labels, amp)
+            before = evaluate_run(model, tok, cfg, eval_ex, splits["validation"], quiet, labels, amp, split_name)
         phases["eval_before"] = time.time() - t_start - phases["load"]
     fsdp, root = parallel.wrap(cfg, model, loss_fn, d, quiet)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
@@ -426,7 +426,8 @@ def finish(run: Run, state: TrainState) -> Path:
         atomic.write_dir(run.dir / output_name(cfg), write)
     run.phases["save"], t0 = time.time() - t0, time.time()
     say(f"evaluating the fine-tuned model on {len(run.eval_ex)} {run.split_name} examples ...", run.quiet)
-    after = evaluate_run(run.model, run.tok, cfg, run.eval_ex, run.val_ex, run.quiet, run.labels, run.amp)
+    after = evaluate_run(run.model, run.tok, cfg, run.eval_ex, run.val_ex, run.quiet, run.labels, run.amp,
+                         run.split_name)
     run.phases["eval_after"] = time.time() - t0
     result = saving.result(run, state, after)
     if "samples" in after:
